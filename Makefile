@@ -1,0 +1,50 @@
+# edgeforge — the two commands a newcomer needs are `make demo` and `make test`; both run `make setup`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+# Portable llama.cpp build flags (no -march=native, so the wheel runs on any x86-64 with AVX2).
+LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+PROTOS := $(wildcard proto/edgeforge/v1/*.proto)
+ASSETS := .edgeforge-assets
+PYTEST_ARGS ?=
+
+.PHONY: setup gen assets test test-fast demo bench clean
+
+setup: $(VENV)/.deps gen.stamp $(ASSETS)/.done
+
+$(VENV)/.deps: requirements.txt requirements-assets.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install -q -r requirements.txt 2> >(grep -v "is ignored: it is neither" >&2)
+	$(PIP) install -q --no-deps -r requirements-assets.txt 2> >(grep -v "is ignored: it is neither" >&2)
+	$(PIP) install -q --no-deps --no-build-isolation -e . 2> >(grep -v "is ignored: it is neither" >&2)
+	touch $@
+
+gen.stamp: $(PROTOS) proto/generate.py $(VENV)/.deps
+	$(PY) proto/generate.py gen
+	touch $@
+
+gen: gen.stamp
+
+# The real model and text, turned into the demo's float32 reference and calibration/evaluation files.
+$(ASSETS)/.done: $(VENV)/.deps shared/assets.py
+	$(PY) -m shared.assets prepare --out $(ASSETS)
+	touch $@
+
+assets: $(ASSETS)/.done
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) -m clients.cli.demo --assets $(ASSETS) --out demo-out
+
+bench: setup
+	$(PY) bench/quantize_rtn.py
+
+clean:
+	rm -rf gen.stamp $(ASSETS) demo-out .pytest_cache

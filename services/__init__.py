@@ -1,0 +1,1 @@
+"""edgeforge services: coordinator, calibrator, compressor, exporter."""

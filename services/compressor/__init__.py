@@ -1,0 +1,1 @@
+"""The compressor service: model import and weight quantization."""

@@ -1,0 +1,1 @@
+"""Quantization kernels: grids, round-to-nearest, llama.cpp block rules, slow reference twins."""

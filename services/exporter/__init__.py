@@ -1,0 +1,1 @@
+"""The exporter service: deployable files (GGUF, ONNX) and their validation in each runtime."""

@@ -1,0 +1,1 @@
+"""What every edgeforge service uses: errors, artifact storage, tensor I/O, model families, servers."""

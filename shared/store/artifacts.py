@@ -1,0 +1,243 @@
+"""The artifact store: immutable content-addressed blobs plus metadata, lineage and uploads.
+
+Invariants
+- A metadata row exists only for a blob that is durable on disk (row inserted after rename+fsync).
+- An upload's bytes live in `uploads/<id>.part` until the last byte arrives and the digest matches;
+  only then does the artifact appear. A wrong digest discards the upload and stores nothing.
+- `derivations` memoise work: a key (stage + input digests + config) maps to the artifact it made.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from shared.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange, ResourceExhausted, \
+    AlreadyExists
+from shared.store.blobs import CHUNK_BYTES, BlobStore, check_sha256, fsync_dir
+from shared.store.database import Database
+from shared.store.records import ArtifactKind, ArtifactRecord, Lineage, UploadRecord
+
+MAX_UPLOAD_BYTES_DEFAULT = 64 << 30      # 64 GiB
+
+SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS artifacts (
+        sha256 TEXT PRIMARY KEY, kind TEXT NOT NULL, size_bytes INTEGER NOT NULL,
+        media_type TEXT NOT NULL, display_name TEXT NOT NULL, create_time REAL NOT NULL,
+        lineage_json TEXT NOT NULL, labels_json TEXT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS artifacts_by_time ON artifacts(create_time)",
+    """CREATE TABLE IF NOT EXISTS uploads (
+        upload_id TEXT PRIMARY KEY, request_id TEXT UNIQUE, request_hash TEXT NOT NULL,
+        kind TEXT NOT NULL, size_bytes INTEGER NOT NULL, sha256 TEXT NOT NULL,
+        media_type TEXT NOT NULL, display_name TEXT NOT NULL, labels_json TEXT NOT NULL,
+        committed_bytes INTEGER NOT NULL, succeeded INTEGER NOT NULL, create_time REAL NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS derivations (
+        key TEXT PRIMARY KEY, sha256 TEXT NOT NULL REFERENCES artifacts(sha256),
+        create_time REAL NOT NULL)""",
+]
+
+
+class ArtifactStore:
+    def __init__(self, db: Database, root: Path, *, max_upload_bytes: int = MAX_UPLOAD_BYTES_DEFAULT):
+        self.db = db
+        self.blobs = BlobStore(root / "blobs")
+        self.uploads_dir = root / "uploads"
+        self.uploads_dir.mkdir(parents=True, exist_ok=True)
+        self.max_upload_bytes = max_upload_bytes
+        db.migrate(SCHEMA)
+
+    # ------------------------------------------------------------------ artifacts
+    def get(self, sha256: str) -> ArtifactRecord:
+        rows = self.db.query("SELECT * FROM artifacts WHERE sha256 = ?", (check_sha256(sha256),))
+        if not rows:
+            raise NotFound(f"artifact artifacts/{sha256} does not exist")
+        return _artifact_from_row(rows[0])
+
+    def exists(self, sha256: str) -> bool:
+        return bool(self.db.query("SELECT 1 FROM artifacts WHERE sha256 = ?", (sha256,)))
+
+    def list(self, kind: ArtifactKind | None = None, limit: int = 100, offset: int = 0) -> list[ArtifactRecord]:
+        if kind is None:
+            rows = self.db.query("SELECT * FROM artifacts ORDER BY create_time DESC, sha256 LIMIT ? OFFSET ?",
+                                 (limit, offset))
+        else:
+            rows = self.db.query("SELECT * FROM artifacts WHERE kind = ? ORDER BY create_time DESC, sha256 "
+                                 "LIMIT ? OFFSET ?", (kind.value, limit, offset))
+        return [_artifact_from_row(r) for r in rows]
+
+    def put_file(self, path: Path, kind: ArtifactKind, *, display_name: str = "", media_type: str = "",
+                 lineage: Lineage = Lineage(), labels: dict[str, str] | None = None,
+                 move: bool = False) -> ArtifactRecord:
+        """Stores a finished local file. Idempotent: the same bytes return the existing record."""
+        sha, size = self.blobs.ingest(path, move=move)
+        return self._insert(ArtifactRecord(sha, kind, size, media_type or "application/octet-stream",
+                                           display_name or path.name, time.time(), lineage, labels or {}))
+
+    def path(self, sha256: str) -> Path:
+        """A verified local path to the blob (digest checked, memoised per process)."""
+        self.get(sha256)
+        return self.blobs.verified_path(sha256)
+
+    def read(self, sha256: str, offset: int = 0, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, bytes]]:
+        """Yields (offset, bytes) from `offset` to the end, after verifying the whole blob."""
+        record = self.get(sha256)
+        if offset < 0 or offset > record.size_bytes:
+            raise OutOfRange(f"offset {offset} is outside artifact of {record.size_bytes} bytes",
+                             reason="INVALID_FIELD", field="offset")
+        path = self.blobs.verified_path(sha256)
+        with open(path, "rb") as f:
+            f.seek(offset)
+            position = offset
+            while chunk := f.read(chunk_bytes):
+                yield position, chunk
+                position += len(chunk)
+
+    # ------------------------------------------------------------------ derivations
+    def find_derived(self, key: str) -> ArtifactRecord | None:
+        rows = self.db.query("SELECT sha256 FROM derivations WHERE key = ?", (key,))
+        if not rows or not self.blobs.exists(rows[0]["sha256"]):
+            return None
+        return self.get(rows[0]["sha256"])
+
+    def record_derived(self, key: str, sha256: str) -> None:
+        with self.db.transaction() as conn:
+            conn.execute("INSERT OR REPLACE INTO derivations(key, sha256, create_time) VALUES (?, ?, ?)",
+                         (key, sha256, time.time()))
+
+    # ------------------------------------------------------------------ uploads
+    def create_upload(self, kind: ArtifactKind, size_bytes: int, sha256: str, *, media_type: str = "",
+                      display_name: str = "", labels: dict[str, str] | None = None,
+                      request_id: str = "") -> UploadRecord:
+        check_sha256(sha256)
+        if size_bytes < 0:
+            raise InvalidArgument(f"size_bytes must be >= 0, got {size_bytes}", field="size_bytes")
+        if size_bytes > self.max_upload_bytes:
+            raise ResourceExhausted(f"size_bytes {size_bytes} exceeds this server's upload limit of "
+                                    f"{self.max_upload_bytes} bytes", field="size_bytes")
+        free = _free_bytes(self.uploads_dir)
+        if size_bytes > free:
+            raise ResourceExhausted(f"size_bytes {size_bytes} exceeds the {free} bytes free on the "
+                                    f"store's disk", field="size_bytes")
+        labels = labels or {}
+        body = json.dumps([kind.value, size_bytes, sha256, media_type, display_name, labels], sort_keys=True)
+        request_hash = hashlib.sha256(body.encode()).hexdigest()
+        with self.db.transaction() as conn:
+            if request_id:
+                row = conn.execute("SELECT * FROM uploads WHERE request_id = ?", (request_id,)).fetchone()
+                if row is not None:
+                    if row["request_hash"] != request_hash:
+                        raise AlreadyExists(f"request_id {request_id!r} was already used for a different "
+                                            f"upload", field="request_id")
+                    return _upload_from_row(row)
+            upload_id = uuid.uuid4().hex
+            already = conn.execute("SELECT 1 FROM artifacts WHERE sha256 = ?", (sha256,)).fetchone()
+            conn.execute(
+                "INSERT INTO uploads VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (upload_id, request_id or None, request_hash, kind.value, size_bytes, sha256,
+                 media_type or "application/octet-stream", display_name, json.dumps(labels),
+                 size_bytes if already else 0, 1 if already else 0, time.time()))
+        if not already:
+            (self.uploads_dir / f"{upload_id}.part").touch()
+        return self.get_upload(upload_id)
+
+    def get_upload(self, upload_id: str) -> UploadRecord:
+        rows = self.db.query("SELECT * FROM uploads WHERE upload_id = ?", (upload_id,))
+        if not rows:
+            raise NotFound(f"upload uploads/{upload_id} does not exist")
+        return _upload_from_row(rows[0])
+
+    def write_upload(self, upload_id: str, offset: int, chunks: Iterable[bytes]) -> UploadRecord:
+        """Appends bytes at `offset` (must equal committed_bytes). Completes the upload on the last byte.
+
+        Bytes received before a failure stay committed (fsynced), so the client can resume.
+        """
+        upload = self.get_upload(upload_id)
+        if upload.succeeded:
+            raise FailedPrecondition(f"upload {upload.name} already succeeded", reason="INVALID_FIELD",
+                                     field="upload")
+        if offset != upload.committed_bytes:
+            raise OutOfRange(f"write at offset {offset}, but upload {upload.name} has "
+                             f"{upload.committed_bytes} bytes committed; resume from there",
+                             field="offset", metadata={"committed_bytes": str(upload.committed_bytes)})
+        part = self.uploads_dir / f"{upload_id}.part"
+        committed = offset
+        with open(part, "r+b") as f:
+            f.truncate(committed)             # drop any bytes written but never committed
+            f.seek(committed)
+            try:
+                for chunk in chunks:
+                    if committed + len(chunk) > upload.size_bytes:
+                        raise InvalidArgument(
+                            f"upload {upload.name} declared {upload.size_bytes} bytes but "
+                            f"{committed + len(chunk)} arrived", reason="TOO_LARGE", field="data")
+                    f.write(chunk)
+                    committed += len(chunk)
+            finally:
+                f.flush()
+                os.fsync(f.fileno())
+                f.truncate(committed)
+                self._set_committed(upload_id, committed)
+        if committed == upload.size_bytes:
+            return self._finish_upload(upload_id)
+        return self.get_upload(upload_id)
+
+    def _set_committed(self, upload_id: str, committed: int) -> None:
+        with self.db.transaction() as conn:
+            conn.execute("UPDATE uploads SET committed_bytes = ? WHERE upload_id = ?", (committed, upload_id))
+
+    def _finish_upload(self, upload_id: str) -> UploadRecord:
+        upload = self.get_upload(upload_id)
+        part = self.uploads_dir / f"{upload_id}.part"
+        try:
+            sha, size = self.blobs.commit(part, expected_sha256=upload.sha256)
+        except InvalidArgument:
+            with self.db.transaction() as conn:     # the bytes are wrong: start over from zero
+                conn.execute("UPDATE uploads SET committed_bytes = 0 WHERE upload_id = ?", (upload_id,))
+            part.touch()
+            raise
+        self._insert(ArtifactRecord(sha, upload.kind, size, upload.media_type, upload.display_name,
+                                    time.time(), Lineage(), upload.labels))
+        with self.db.transaction() as conn:
+            conn.execute("UPDATE uploads SET succeeded = 1, committed_bytes = ? WHERE upload_id = ?",
+                         (size, upload_id))
+        return self.get_upload(upload_id)
+
+    # ------------------------------------------------------------------ internals
+    def _insert(self, record: ArtifactRecord) -> ArtifactRecord:
+        with self.db.transaction() as conn:
+            conn.execute(
+                "INSERT OR IGNORE INTO artifacts VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (record.sha256, record.kind.value, record.size_bytes, record.media_type, record.display_name,
+                 record.create_time, _lineage_json(record.lineage), json.dumps(record.labels, sort_keys=True)))
+        return self.get(record.sha256)
+
+
+def _free_bytes(path: Path) -> int:
+    stat = os.statvfs(path)
+    return stat.f_bavail * stat.f_frsize
+
+
+def _lineage_json(lineage: Lineage) -> str:
+    return json.dumps({"inputs": list(lineage.inputs), "recipe": lineage.recipe,
+                       "tool_versions": lineage.tool_versions, "producer": lineage.producer}, sort_keys=True)
+
+
+def _artifact_from_row(row) -> ArtifactRecord:
+    lineage = json.loads(row["lineage_json"])
+    return ArtifactRecord(
+        sha256=row["sha256"], kind=ArtifactKind(row["kind"]), size_bytes=row["size_bytes"],
+        media_type=row["media_type"], display_name=row["display_name"], create_time=row["create_time"],
+        lineage=Lineage(tuple(lineage["inputs"]), lineage["recipe"], lineage["tool_versions"],
+                        lineage["producer"]),
+        labels=json.loads(row["labels_json"]))
+
+
+def _upload_from_row(row) -> UploadRecord:
+    return UploadRecord(
+        upload_id=row["upload_id"], kind=ArtifactKind(row["kind"]), size_bytes=row["size_bytes"],
+        sha256=row["sha256"], committed_bytes=row["committed_bytes"], succeeded=bool(row["succeeded"]),
+        media_type=row["media_type"], display_name=row["display_name"], labels=json.loads(row["labels_json"]))
