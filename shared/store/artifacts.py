@@ -34,7 +34,8 @@ SCHEMA = [
         upload_id TEXT PRIMARY KEY, request_id TEXT UNIQUE, request_hash TEXT NOT NULL,
         kind TEXT NOT NULL, size_bytes INTEGER NOT NULL, sha256 TEXT NOT NULL,
         media_type TEXT NOT NULL, display_name TEXT NOT NULL, labels_json TEXT NOT NULL,
-        committed_bytes INTEGER NOT NULL, succeeded INTEGER NOT NULL, create_time REAL NOT NULL)""",
+        committed_bytes INTEGER NOT NULL, succeeded INTEGER NOT NULL, create_time REAL NOT NULL,
+        lineage_json TEXT NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS derivations (
         key TEXT PRIMARY KEY, sha256 TEXT NOT NULL REFERENCES artifacts(sha256),
         create_time REAL NOT NULL)""",
@@ -111,7 +112,7 @@ class ArtifactStore:
     # ------------------------------------------------------------------ uploads
     def create_upload(self, kind: ArtifactKind, size_bytes: int, sha256: str, *, media_type: str = "",
                       display_name: str = "", labels: dict[str, str] | None = None,
-                      request_id: str = "") -> UploadRecord:
+                      request_id: str = "", lineage: Lineage = Lineage()) -> UploadRecord:
         check_sha256(sha256)
         if size_bytes < 0:
             raise InvalidArgument(f"size_bytes must be >= 0, got {size_bytes}", field="size_bytes")
@@ -123,7 +124,8 @@ class ArtifactStore:
             raise ResourceExhausted(f"size_bytes {size_bytes} exceeds the {free} bytes free on the "
                                     f"store's disk", field="size_bytes")
         labels = labels or {}
-        body = json.dumps([kind.value, size_bytes, sha256, media_type, display_name, labels], sort_keys=True)
+        body = json.dumps([kind.value, size_bytes, sha256, media_type, display_name, labels, _lineage_json(lineage)],
+                          sort_keys=True)
         request_hash = hashlib.sha256(body.encode()).hexdigest()
         with self.db.transaction() as conn:
             if request_id:
@@ -136,10 +138,10 @@ class ArtifactStore:
             upload_id = uuid.uuid4().hex
             already = conn.execute("SELECT 1 FROM artifacts WHERE sha256 = ?", (sha256,)).fetchone()
             conn.execute(
-                "INSERT INTO uploads VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO uploads VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (upload_id, request_id or None, request_hash, kind.value, size_bytes, sha256,
                  media_type or "application/octet-stream", display_name, json.dumps(labels),
-                 size_bytes if already else 0, 1 if already else 0, time.time()))
+                 size_bytes if already else 0, 1 if already else 0, time.time(), _lineage_json(lineage)))
         if not already:
             (self.uploads_dir / f"{upload_id}.part").touch()
         return self.get_upload(upload_id)
@@ -199,8 +201,9 @@ class ArtifactStore:
                 conn.execute("UPDATE uploads SET committed_bytes = 0 WHERE upload_id = ?", (upload_id,))
             part.touch()
             raise
+        row = self.db.query("SELECT lineage_json FROM uploads WHERE upload_id = ?", (upload_id,))[0]
         self._insert(ArtifactRecord(sha, upload.kind, size, upload.media_type, upload.display_name,
-                                    time.time(), Lineage(), upload.labels))
+                                    time.time(), _lineage_from_json(row["lineage_json"]), upload.labels))
         with self.db.transaction() as conn:
             conn.execute("UPDATE uploads SET succeeded = 1, committed_bytes = ? WHERE upload_id = ?",
                          (size, upload_id))
@@ -226,14 +229,16 @@ def _lineage_json(lineage: Lineage) -> str:
                        "tool_versions": lineage.tool_versions, "producer": lineage.producer}, sort_keys=True)
 
 
+def _lineage_from_json(text: str) -> Lineage:
+    raw = json.loads(text)
+    return Lineage(tuple(raw["inputs"]), raw["recipe"], raw["tool_versions"], raw["producer"])
+
+
 def _artifact_from_row(row) -> ArtifactRecord:
-    lineage = json.loads(row["lineage_json"])
     return ArtifactRecord(
         sha256=row["sha256"], kind=ArtifactKind(row["kind"]), size_bytes=row["size_bytes"],
         media_type=row["media_type"], display_name=row["display_name"], create_time=row["create_time"],
-        lineage=Lineage(tuple(lineage["inputs"]), lineage["recipe"], lineage["tool_versions"],
-                        lineage["producer"]),
-        labels=json.loads(row["labels_json"]))
+        lineage=_lineage_from_json(row["lineage_json"]), labels=json.loads(row["labels_json"]))
 
 
 def _upload_from_row(row) -> UploadRecord:

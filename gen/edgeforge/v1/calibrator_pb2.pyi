@@ -33,13 +33,11 @@ class LinearStats(_message.Message):
     def __init__(self, weight: _Optional[str] = ..., in_features: _Optional[int] = ..., abs_max: _Optional[float] = ..., mean_abs: _Optional[float] = ...) -> None: ...
 
 class CalibrateResponse(_message.Message):
-    __slots__ = ("stats", "tokens", "layers", "reused")
+    __slots__ = ("stats", "tokens", "layers")
     STATS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
-    REUSED_FIELD_NUMBER: _ClassVar[int]
     stats: _common_pb2.Artifact
     tokens: int
     layers: _containers.RepeatedCompositeFieldContainer[LinearStats]
-    reused: bool
-    def __init__(self, stats: _Optional[_Union[_common_pb2.Artifact, _Mapping]] = ..., tokens: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[LinearStats, _Mapping]]] = ..., reused: _Optional[bool] = ...) -> None: ...
+    def __init__(self, stats: _Optional[_Union[_common_pb2.Artifact, _Mapping]] = ..., tokens: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[LinearStats, _Mapping]]] = ...) -> None: ...

@@ -46,8 +46,8 @@ class CalibratorServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Calibrate(self, request, context):
-        """Computes per-linear input statistics and stores them as an artifact. Identical inputs
-        (model digest + dataset digest + config) return the stored artifact without recomputing.
+        """Computes per-linear input statistics and stores them as an artifact. The coordinator reuses a
+        stored result when model digest + dataset digest + config repeat, without calling this again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -324,7 +324,7 @@ class Upload(_message.Message):
     def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[UploadState, str]] = ..., committed_bytes: _Optional[int] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., artifact: _Optional[_Union[_common_pb2.Artifact, _Mapping]] = ...) -> None: ...
 
 class CreateUploadRequest(_message.Message):
-    __slots__ = ("kind", "size_bytes", "sha256", "media_type", "display_name", "labels", "request_id")
+    __slots__ = ("kind", "size_bytes", "sha256", "media_type", "display_name", "labels", "request_id", "lineage")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -339,6 +339,7 @@ class CreateUploadRequest(_message.Message):
     DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    LINEAGE_FIELD_NUMBER: _ClassVar[int]
     kind: _common_pb2.ArtifactKind
     size_bytes: int
     sha256: str
@@ -346,7 +347,8 @@ class CreateUploadRequest(_message.Message):
     display_name: str
     labels: _containers.ScalarMap[str, str]
     request_id: str
-    def __init__(self, kind: _Optional[_Union[_common_pb2.ArtifactKind, str]] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., media_type: _Optional[str] = ..., display_name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    lineage: _common_pb2.Lineage
+    def __init__(self, kind: _Optional[_Union[_common_pb2.ArtifactKind, str]] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., media_type: _Optional[str] = ..., display_name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., request_id: _Optional[str] = ..., lineage: _Optional[_Union[_common_pb2.Lineage, _Mapping]] = ...) -> None: ...
 
 class WriteUploadRequest(_message.Message):
     __slots__ = ("upload", "offset", "data")

@@ -1,0 +1,1 @@
+"""edgeforge clients: the Python SDK, the `edgeforge` CLI and the device agent."""

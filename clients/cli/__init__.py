@@ -1,0 +1,1 @@
+"""The `edgeforge` command line."""

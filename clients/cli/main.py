@@ -1,0 +1,218 @@
+"""`edgeforge`: run edgeforge, submit builds, inspect results.
+
+Exit codes:
+  0  success
+  1  the build or a call failed (the message says why)
+  2  bad spec, bad argument or unknown model format (nothing was started)
+  3  the build finished, but on some device no candidate met the constraints
+  4  the coordinator could not be reached
+  5  the build was cancelled
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import grpc
+from google.protobuf import json_format
+
+from clients.cli import progress, tables
+from clients.python import spec as spec_file
+from clients.python.client import Client, build_name
+from edgeforge.v1 import coordinator_pb2
+
+OK, FAILED, BAD_INPUT, NO_CANDIDATE, UNREACHABLE, CANCELLED = 0, 1, 2, 3, 4, 5
+DEFAULT_ADDRESS = os.environ.get("EDGEFORGE_ADDRESS", "127.0.0.1:50051")
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"edgeforge: {message}", file=sys.stderr)
+    return code
+
+
+def _rpc_exit(error: grpc.RpcError) -> int:
+    from shared.grpc_status import error_details
+    reason, metadata = error_details(error)
+    where = f" [{metadata['field']}]" if "field" in metadata else ""
+    code = {grpc.StatusCode.INVALID_ARGUMENT: BAD_INPUT, grpc.StatusCode.UNAVAILABLE: UNREACHABLE,
+            grpc.StatusCode.CANCELLED: CANCELLED}.get(error.code(), FAILED)
+    return _fail(f"{error.code().name}{' ' + reason if reason else ''}{where}: {error.details()}", code)
+
+
+def cmd_up(args) -> int:
+    import logging
+    from services.coordinator.server import create_server
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    server, port, _ = create_server(f"{args.host}:{args.port}", args.data_dir)
+    address = f"{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{port}"
+    agent = None
+    if not args.no_agent:
+        command = [sys.executable, "-m", "clients.agent.main", "--coordinator", address,
+                   "--cache-dir", str(args.data_dir / "agent")]
+        for label in args.agent_label:
+            command += ["--label", label]
+        agent = subprocess.Popen(command)
+    print(f"edgeforge up: listening on {address}" + ("" if agent is None else f" (local agent pid {agent.pid})"),
+          flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop.wait()
+    if agent is not None:
+        agent.terminate()
+        agent.wait(timeout=30)
+    server.stop(5).wait()
+    return OK
+
+
+def _report(client: Client, build: coordinator_pb2.Build) -> dict | None:
+    return json.loads(client.read_text(build.report_json_artifact)) if build.report_json_artifact else None
+
+
+def _finish(client: Client, build: coordinator_pb2.Build, as_json: bool) -> int:
+    report = _report(client, build)
+    if as_json:
+        print(json.dumps(report if report else json_format.MessageToDict(build), indent=2))
+    elif report:
+        print(tables.candidate_table(report))
+    if build.state == coordinator_pb2.BUILD_STATE_CANCELLED:
+        return _fail(f"{build.name} was cancelled", CANCELLED)
+    if build.state == coordinator_pb2.BUILD_STATE_FAILED:
+        return _fail(f"{build.name} failed: {build.error.message}", FAILED)
+    if report and any(d["chosen"] is None for d in report["devices"]):
+        return _fail("no candidate met the constraints on at least one device", NO_CANDIDATE)
+    return OK
+
+
+def cmd_build(args) -> int:
+    try:
+        parsed = spec_file.load(args.spec)
+    except spec_file.SpecError as error:
+        return _fail(f"invalid spec: {error}", BAD_INPUT)
+    client = Client(args.address)
+    bar = progress.Bar()
+    try:
+        operation = client.create_build(parsed, on_upload=None if args.json else progress.upload_progress(bar))
+        name = build_name(operation.name)
+        if not args.wait:
+            print(json.dumps({"operation": operation.name, "build": name}) if args.json else
+                  f"started {name} (operation {operation.name})")
+            return OK
+        if not args.json:
+            print(f"started {name}", file=sys.stderr)
+        client.wait(operation.name, None if args.json else progress.build_progress(bar))
+        bar.done()
+        return _finish(client, client.get_build(name), args.json)
+    except spec_file.SpecError as error:
+        return _fail(f"invalid spec: {error}", BAD_INPUT)
+    except grpc.RpcError as error:
+        return _rpc_exit(error)
+
+
+def cmd_builds_get(args) -> int:
+    client = Client(args.address)
+    try:
+        build = client.get_build(args.name if args.name.startswith("builds/") else f"builds/{args.name}")
+        if build.state == coordinator_pb2.BUILD_STATE_RUNNING:
+            print(json.dumps(json_format.MessageToDict(build), indent=2) if args.json else
+                  f"{build.name} is running")
+            return OK
+        return _finish(client, build, args.json)
+    except grpc.RpcError as error:
+        return _rpc_exit(error)
+
+
+def cmd_builds_list(args) -> int:
+    client = Client(args.address)
+    try:
+        builds = client.list_builds()
+    except grpc.RpcError as error:
+        return _rpc_exit(error)
+    rows = [{"build": b.name, "name": b.spec.display_name,
+             "state": coordinator_pb2.BuildState.Name(b.state).removeprefix("BUILD_STATE_").lower()} for b in builds]
+    print(json.dumps(rows, indent=2) if args.json else "\n".join(f"{r['build']}  {r['state']:<10} {r['name']}"
+                                                                  for r in rows))
+    return OK
+
+
+def cmd_devices(args) -> int:
+    client = Client(args.address)
+    try:
+        devices = client.list_devices()
+    except grpc.RpcError as error:
+        return _rpc_exit(error)
+    if args.json:
+        print(json.dumps([json_format.MessageToDict(d, preserving_proto_field_name=True) for d in devices], indent=2))
+    for d in ([] if args.json else devices):
+        state = coordinator_pb2.DeviceState.Name(d.state).removeprefix("DEVICE_STATE_").lower()
+        a = d.attributes
+        print(f"{d.name}  {state:<8} {a.get('os', '?')}/{a.get('arch', '?')}  {a.get('cpu', '?')}  "
+              f"{a.get('cores', '?')} cores  " + " ".join(f"{k}@{v}" for k, v in sorted(a.items())
+                                                           if k.startswith("runtime:")))
+    return OK
+
+
+def cmd_artifacts_get(args) -> int:
+    client = Client(args.address)
+    name = args.name if args.name.startswith("artifacts/") else f"artifacts/{args.name}"
+    bar = progress.Bar()
+    try:
+        client.download(name, args.output, progress=lambda d, t: bar.show("download", d / t if t else 1,
+                                                                          f"{d / 1e6:.1f} MB", key=4 * d // max(t, 1)))
+    except grpc.RpcError as error:
+        return _rpc_exit(error)
+    bar.done()
+    print(f"wrote {args.output}", file=sys.stderr)
+    return OK
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="edgeforge", description=__doc__.split("\n\n")[0],
+                                   epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    root.add_argument("--address", default=DEFAULT_ADDRESS, help=f"coordinator host:port (default {DEFAULT_ADDRESS}, "
+                                                                  "or $EDGEFORGE_ADDRESS)")
+    sub = root.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="serve all four services on one port with a local agent")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=50051, help="0 picks a free port")
+    up.add_argument("--data-dir", type=Path, default=Path(".edgeforge"))
+    up.add_argument("--no-agent", action="store_true", help="do not start a local agent")
+    up.add_argument("--agent-label", action="append", default=[], help="label for the local agent, key=value")
+    up.set_defaults(run=cmd_up)
+    build = sub.add_parser("build", help="submit a build spec (YAML)")
+    build.add_argument("spec", type=Path)
+    build.add_argument("--wait", action="store_true", help="follow progress until the build ends")
+    build.add_argument("--json", action="store_true", help="print machine-readable JSON (the report, with --wait)")
+    build.set_defaults(run=cmd_build)
+    builds = sub.add_parser("builds", help="inspect builds").add_subparsers(dest="verb", required=True)
+    get = builds.add_parser("get", help="show one build")
+    get.add_argument("name")
+    get.add_argument("--json", action="store_true")
+    get.set_defaults(run=cmd_builds_get)
+    listing = builds.add_parser("list", help="list builds")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(run=cmd_builds_list)
+    devices = sub.add_parser("devices", help="list registered devices")
+    devices.add_argument("--json", action="store_true")
+    devices.set_defaults(run=cmd_devices)
+    artifacts = sub.add_parser("artifacts", help="artifacts").add_subparsers(dest="verb", required=True)
+    fetch = artifacts.add_parser("get", help="download an artifact")
+    fetch.add_argument("name")
+    fetch.add_argument("-o", "--output", type=Path, required=True)
+    fetch.set_defaults(run=cmd_artifacts_get)
+    return root
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    sys.exit(args.run(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The edgeforge Python SDK."""

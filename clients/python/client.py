@@ -1,0 +1,119 @@
+"""The edgeforge Python SDK: upload inputs, create builds, follow them, fetch results.
+
+    client = Client("127.0.0.1:50051")
+    operation = client.create_build(spec.load(Path("build.yaml")))
+    operation = client.wait(operation.name, on_progress=print)
+    build = client.get_build(f"builds/{operation.name.split('/')[1]}")
+"""
+from __future__ import annotations
+
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import grpc
+from google.longrunning import operations_pb2_grpc, operations_proto_pb2 as operations_pb2
+from google.protobuf import duration_pb2
+
+from clients.python import transfer
+from clients.python.spec import SpecError, SpecFile
+from edgeforge.v1 import (agent_pb2_grpc, common_pb2, coordinator_pb2, coordinator_pb2_grpc)
+
+BUNDLE_MEDIA_TYPE = "application/x-edgeforge-model+tar"
+CHANNEL_OPTIONS = [("grpc.max_send_message_length", 8 << 20), ("grpc.max_receive_message_length", 8 << 20)]
+
+
+class Client:
+    def __init__(self, address: str):
+        self.address = address
+        self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.coordinator = coordinator_pb2_grpc.CoordinatorStub(self.channel)
+        self.operations = operations_pb2_grpc.OperationsStub(self.channel)
+        self.artifacts = coordinator_pb2_grpc.ArtifactStoreStub(self.channel)
+        self.devices = coordinator_pb2_grpc.DeviceRegistryStub(self.channel)
+        self.agents = agent_pb2_grpc.AgentGatewayStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    # ------------------------------------------------------------------ artifacts
+    def upload(self, path: Path, kind: int, *, display_name: str = "", media_type: str = "",
+               progress: transfer.Progress | None = None) -> common_pb2.Artifact:
+        return transfer.upload_file(self.artifacts, path, kind, display_name=display_name or path.name,
+                                    media_type=media_type, progress=progress)
+
+    def upload_model(self, path: Path, progress: transfer.Progress | None = None) -> common_pb2.Artifact:
+        """An HF directory (sent as a deterministic tar bundle) or a GGUF file."""
+        if path.is_dir():
+            from shared.models import bundle
+            with tempfile.TemporaryDirectory() as scratch:
+                tar = Path(scratch) / f"{path.name}.tar"
+                bundle.pack(path, tar)
+                return self.upload(tar, common_pb2.ARTIFACT_KIND_SOURCE_MODEL, display_name=path.name,
+                                   media_type=BUNDLE_MEDIA_TYPE, progress=progress)
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":
+            raise SpecError("model.path", f"{path.name} is neither an HF model directory nor a GGUF file "
+                                          f"(its first bytes are {magic!r}, not b'GGUF')")
+        return self.upload(path, common_pb2.ARTIFACT_KIND_SOURCE_MODEL, media_type="application/x-gguf",
+                           progress=progress)
+
+    def download(self, name: str, dest: Path, progress: transfer.Progress | None = None) -> Path:
+        artifact = self.artifacts.GetArtifact(coordinator_pb2.GetArtifactRequest(name=name), timeout=60)
+        read = lambda offset: self.artifacts.ReadArtifact(coordinator_pb2.ReadArtifactRequest(name=name, offset=offset),
+                                                          timeout=3600)
+        return transfer.download(read, dest, artifact.sha256, artifact.size_bytes, progress=progress)
+
+    def read_text(self, name: str) -> str:
+        with tempfile.TemporaryDirectory() as scratch:
+            return self.download(name, Path(scratch) / "blob").read_text()
+
+    # ------------------------------------------------------------------ builds
+    def create_build(self, spec_file: SpecFile, *, request_id: str | None = None,
+                     on_upload: Callable[[str, int, int], None] | None = None) -> operations_pb2.Operation:
+        """Uploads the spec's model and text files (deduplicated by digest), then starts the build."""
+        spec = coordinator_pb2.BuildSpec()
+        spec.CopyFrom(spec_file.spec)
+        report = (lambda what: (lambda done, total: on_upload(what, done, total))) if on_upload else (lambda what: None)
+        spec.model.artifact = self.upload_model(spec_file.model_path, report("model")).name
+        spec.calibration.dataset = self.upload(spec_file.calibration_path, common_pb2.ARTIFACT_KIND_DATASET,
+                                               media_type="text/plain", progress=report("calibration")).name
+        spec.evaluation.dataset = self.upload(spec_file.evaluation_path, common_pb2.ARTIFACT_KIND_DATASET,
+                                              media_type="text/plain", progress=report("evaluation")).name
+        return self.coordinator.CreateBuild(
+            coordinator_pb2.CreateBuildRequest(spec=spec, request_id=request_id or uuid.uuid4().hex), timeout=120)
+
+    def wait(self, operation_name: str, on_progress: Callable[[coordinator_pb2.BuildProgress], None] | None = None,
+             poll_s: float = 2.0) -> operations_pb2.Operation:
+        while True:
+            timeout = duration_pb2.Duration()
+            timeout.FromNanoseconds(int(poll_s * 1e9))
+            operation = self.operations.WaitOperation(operations_pb2.WaitOperationRequest(name=operation_name,
+                                                                                         timeout=timeout),
+                                                      timeout=poll_s + 30)
+            if on_progress:
+                progress = coordinator_pb2.BuildProgress()
+                operation.metadata.Unpack(progress)
+                on_progress(progress)
+            if operation.done:
+                return operation
+
+    def get_build(self, name: str) -> coordinator_pb2.Build:
+        return self.coordinator.GetBuild(coordinator_pb2.GetBuildRequest(name=name), timeout=60)
+
+    def list_builds(self, page_size: int = 50) -> list[coordinator_pb2.Build]:
+        return list(self.coordinator.ListBuilds(coordinator_pb2.ListBuildsRequest(page_size=page_size),
+                                                timeout=60).builds)
+
+    def cancel(self, operation_name: str) -> None:
+        self.operations.CancelOperation(operations_pb2.CancelOperationRequest(name=operation_name), timeout=30)
+
+    def list_devices(self, selector: dict[str, str] | None = None) -> list[coordinator_pb2.Device]:
+        return list(self.devices.ListDevices(coordinator_pb2.ListDevicesRequest(selector=selector or {}),
+                                             timeout=30).devices)
+
+
+def build_name(operation_name: str) -> str:
+    return "builds/" + operation_name.removeprefix("operations/")

@@ -1,0 +1,178 @@
+"""The YAML build spec (docs/SPEC.md) -> a BuildSpec proto, validated before anything is uploaded.
+
+Unknown keys and bad values raise SpecError naming the field, with a suggestion for near-miss keys
+("unknown key 'quantisation' — did you mean 'quantization'?"). Relative paths resolve against the
+spec file's directory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from pathlib import Path
+from typing import Any
+
+from edgeforge.v1 import common_pb2, coordinator_pb2
+from shared.errors import InvalidArgument
+from shared.quant.grids import Granularity, Method, QuantizationConfig
+
+
+class SpecError(ValueError):
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+# section -> {key: type}; nested dicts are described by their own entries.
+_KEYS: dict[str, dict[str, type | tuple]] = {
+    "": {"name": str, "model": dict, "calibration": dict, "evaluation": dict, "targets": list,
+         "constraints": dict, "objective": str, "candidates": list, "benchmark": dict},
+    "model": {"path": str, "task": str},
+    "calibration": {"text_file": str, "samples": int, "sequence_length": int},
+    "evaluation": {"text_file": str, "max_tokens": int, "window_tokens": int},
+    "targets[]": {"selector": dict, "device": str},
+    "constraints": {"max_size_bytes": int, "max_p90_latency_ms": (int, float), "max_quality_loss_pct": (int, float)},
+    "candidates[]": {"id": str, "format": str, "quantization": dict},
+    "quantization": {"method": str, "type": str, "bits": int, "granularity": str, "group_size": int,
+                     "symmetric": bool},
+    "benchmark": {"prompt_tokens": int, "generation_tokens": int, "warmup_runs": int, "timed_runs": int,
+                  "threads": int},
+}
+FORMATS = {"gguf": common_pb2.EXPORT_FORMAT_GGUF, "onnx": common_pb2.EXPORT_FORMAT_ONNX}
+TASKS = {"causal-lm": common_pb2.MODEL_TASK_CAUSAL_LM}
+OBJECTIVES = {"best_quality": coordinator_pb2.OBJECTIVE_BEST_QUALITY,
+              "lowest_latency": coordinator_pb2.OBJECTIVE_LOWEST_LATENCY}
+METHODS = {"none": common_pb2.QUANT_METHOD_NONE, "rtn": common_pb2.QUANT_METHOD_RTN}
+GRANULARITIES = {"per_tensor": common_pb2.GRANULARITY_PER_TENSOR, "per_channel": common_pb2.GRANULARITY_PER_CHANNEL,
+                 "per_group": common_pb2.GRANULARITY_PER_GROUP}
+
+
+@dataclasses.dataclass
+class SpecFile:
+    """A parsed spec: the proto (artifact fields empty) and the local files to upload into them."""
+    spec: coordinator_pb2.BuildSpec
+    model_path: Path
+    calibration_path: Path
+    evaluation_path: Path
+
+
+def _check_keys(section: str, field: str, value: Any) -> dict:
+    if not isinstance(value, dict):
+        raise SpecError(field or "spec", f"must be a mapping, got {type(value).__name__}")
+    allowed = _KEYS[section]
+    for key, item in value.items():
+        path = f"{field}.{key}" if field else str(key)
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), list(allowed), n=1)
+            hint = f" — did you mean '{close[0]}'?" if close else f" (allowed: {', '.join(allowed)})"
+            raise SpecError(path, f"unknown key '{key}'{hint}")
+        expected = allowed[key]
+        if isinstance(item, bool) and expected is not bool:
+            raise SpecError(path, f"must be {_type_name(expected)}, got a boolean")
+        if not isinstance(item, expected):
+            raise SpecError(path, f"must be {_type_name(expected)}, got {type(item).__name__} {item!r}")
+    return value
+
+
+def _type_name(expected) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", dict: "a mapping", list: "a list",
+             bool: "true or false"}
+    if isinstance(expected, tuple):
+        return "a number"
+    return names[expected]
+
+
+def _choice(table: dict, value: str, field: str) -> int:
+    if value not in table:
+        close = difflib.get_close_matches(value, list(table), n=1)
+        hint = f" — did you mean '{close[0]}'?" if close else ""
+        raise SpecError(field, f"'{value}' is not one of {', '.join(table)}{hint}")
+    return table[value]
+
+
+def _positive(value: int | float | None, field: str, upper: float | None = None):
+    if value is not None and (value <= 0 or (upper is not None and value > upper)):
+        raise SpecError(field, f"must be in (0, {upper:g}], got {value}" if upper else f"must be positive, got {value}")
+    return value
+
+
+def _file(base: Path, value: str | None, field: str) -> Path:
+    if not value:
+        raise SpecError(field, "is required")
+    path = (base / value).resolve()
+    if not path.exists():
+        raise SpecError(field, f"{path} does not exist")
+    return path
+
+
+def quantization(raw: dict, field: str, export_format: str) -> common_pb2.QuantizationConfig:
+    raw = _check_keys("quantization", field, raw)
+    method = raw.get("method", "rtn" if "bits" in raw or raw.get("type", "") not in ("f32", "f16") else "none")
+    proto = common_pb2.QuantizationConfig(
+        method=_choice(METHODS, method, f"{field}.method"), gguf_type=raw.get("type", ""), bits=raw.get("bits", 0),
+        granularity=_choice(GRANULARITIES, raw["granularity"], f"{field}.granularity") if "granularity" in raw else 0,
+        group_size=raw.get("group_size", 0), symmetric=raw.get("symmetric", True))
+    config = QuantizationConfig(Method(method), proto.gguf_type, proto.bits,
+                                Granularity(raw["granularity"]) if "granularity" in raw else None,
+                                proto.group_size, proto.symmetric)
+    try:
+        config.validated()
+    except InvalidArgument as error:
+        raise SpecError(error.field.replace("quantization", field) if error.field else field, error.message)
+    if export_format == "onnx" and config.gguf_type in ("q8_0", "q4_0"):
+        raise SpecError(f"{field}.type", f"{config.gguf_type} is a GGUF block type; for onnx give bits/granularity")
+    return proto
+
+
+def parse(raw: Any, base_dir: Path) -> SpecFile:
+    raw = _check_keys("", "", raw)
+    spec = coordinator_pb2.BuildSpec(display_name=raw.get("name", ""))
+    model = _check_keys("model", "model", raw.get("model") or {})
+    model_path = _file(base_dir, model.get("path"), "model.path")
+    spec.model.task = _choice(TASKS, model.get("task", "causal-lm"), "model.task")
+    calibration = _check_keys("calibration", "calibration", raw.get("calibration") or {})
+    calibration_path = _file(base_dir, calibration.get("text_file"), "calibration.text_file")
+    spec.calibration.samples = _positive(calibration.get("samples", 64), "calibration.samples", 4096)
+    spec.calibration.sequence_length = _positive(calibration.get("sequence_length", 512),
+                                                 "calibration.sequence_length", 8192)
+    evaluation = _check_keys("evaluation", "evaluation", raw.get("evaluation") or {})
+    evaluation_path = _file(base_dir, evaluation.get("text_file"), "evaluation.text_file")
+    spec.evaluation.max_tokens = _positive(evaluation.get("max_tokens", 4096), "evaluation.max_tokens")
+    spec.evaluation.window_tokens = _positive(evaluation.get("window_tokens", 512), "evaluation.window_tokens", 8192)
+    targets = raw.get("targets") or []
+    if not targets:
+        raise SpecError("targets", "at least one target is required, e.g. [{selector: {os: linux}}]")
+    for i, target in enumerate(targets):
+        target = _check_keys("targets[]", f"targets[{i}]", target)
+        selector = target.get("selector") or {}
+        if bool(selector) == bool(target.get("device")):
+            raise SpecError(f"targets[{i}]", "give exactly one of selector or device")
+        spec.targets.add(selector={str(k): str(v) for k, v in selector.items()}, device=target.get("device", ""))
+    constraints = _check_keys("constraints", "constraints", raw.get("constraints") or {})
+    for key in ("max_size_bytes", "max_p90_latency_ms", "max_quality_loss_pct"):
+        if key in constraints:
+            setattr(spec.constraints, key, _positive(constraints[key], f"constraints.{key}"))
+    spec.objective = _choice(OBJECTIVES, raw.get("objective", "best_quality"), "objective")
+    for i, candidate in enumerate(raw.get("candidates") or []):
+        field = f"candidates[{i}]"
+        candidate = _check_keys("candidates[]", field, candidate)
+        export_format = candidate.get("format", "")
+        proto = spec.candidates.add(id=candidate.get("id", ""), format=_choice(FORMATS, export_format, f"{field}.format"))
+        if "quantization" in candidate:
+            proto.quantization.CopyFrom(quantization(candidate["quantization"], f"{field}.quantization", export_format))
+    benchmark = _check_keys("benchmark", "benchmark", raw.get("benchmark") or {})
+    for key, upper in (("prompt_tokens", 8192), ("generation_tokens", 8192), ("warmup_runs", 100),
+                       ("timed_runs", 1000), ("threads", 1024)):
+        if key in benchmark:
+            setattr(spec.benchmark, key, _positive(benchmark[key], f"benchmark.{key}", upper))
+    return SpecFile(spec, model_path, calibration_path, evaluation_path)
+
+
+def load(path: Path) -> SpecFile:
+    import yaml
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise SpecError("spec", f"{path.name} is not valid YAML: {error}")
+    except OSError as error:
+        raise SpecError("spec", f"cannot read {path}: {error.strerror}")
+    return parse(raw, path.parent)

@@ -1,0 +1,1 @@
+"""The calibrator service: activation statistics from calibration data."""

@@ -1,0 +1,1 @@
+"""The coordinator: builds as long-running operations, the artifact store, devices, selection, reports."""

@@ -1,0 +1,40 @@
+"""Everything a coordinator process shares between its RPC handlers and its build threads."""
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+
+from edgeforge.v1 import coordinator_pb2
+from services.coordinator.scheduler import Scheduler
+from services.coordinator.state import CoordinatorState
+from services.coordinator.workers import Workers
+from shared.store.artifacts import ArtifactStore
+
+HEARTBEAT_INTERVAL_S = 5.0
+OFFLINE_AFTER_S = 3 * HEARTBEAT_INTERVAL_S
+
+
+@dataclasses.dataclass
+class CoordinatorContext:
+    store: ArtifactStore
+    state: CoordinatorState
+    scheduler: Scheduler
+    workers: Workers
+    device_wait_s: float = 120.0            # how long a build waits for a matching device to appear
+    benchmark_timeout_s: float = 3600.0     # how long a build waits for its measurements
+    changed: threading.Condition = dataclasses.field(default_factory=threading.Condition)
+
+    def notify(self) -> None:
+        with self.changed:
+            self.changed.notify_all()
+
+    def online_devices(self) -> list[coordinator_pb2.Device]:
+        now = time.time()
+        out = []
+        for device, last in self.state.devices():
+            online = now - last <= OFFLINE_AFTER_S
+            device.state = coordinator_pb2.DEVICE_STATE_ONLINE if online else coordinator_pb2.DEVICE_STATE_OFFLINE
+            if online:
+                out.append(device)
+        return out

@@ -1,0 +1,171 @@
+"""One build, stage by stage: import → calibrate → (compress → export → evaluate) per candidate →
+benchmark on matching devices → select → report. Runs in its own thread; every step is saved, and
+work whose inputs were seen before is reused from the memo instead of being redone.
+"""
+from __future__ import annotations
+
+import logging
+
+from edgeforge.v1 import calibrator_pb2, common_pb2, compressor_pb2, coordinator_pb2, exporter_pb2
+from services.compressor.convert import quantization_to_proto
+from services.coordinator import benchmarks
+from services.coordinator.context import CoordinatorContext
+from services.coordinator.spec import PlannedCandidate, plan
+from services.coordinator.state import digest
+from services.exporter.base import ExportFormat
+from services.exporter.convert import format_to_proto
+from shared.artifact_convert import struct
+from shared.errors import Cancelled, EdgeforgeError
+from shared.grpc_status import status_of
+from shared.store.records import parse_artifact_name
+
+log = logging.getLogger(__name__)
+Stage = coordinator_pb2.BuildStage
+
+
+class BuildRunner:
+    def __init__(self, build_id: str, ctx: CoordinatorContext):
+        self.build_id, self.ctx = build_id, ctx
+        self.build, self.progress, _, _ = ctx.state.load_build(build_id)
+
+    # ------------------------------------------------------------------ bookkeeping
+    def step(self, stage: int, percent: float, message: str, candidate: str = "") -> None:
+        _, _, _, cancel = self.ctx.state.load_build(self.build_id)
+        if cancel:
+            raise Cancelled(f"build {self.build.name} was cancelled")
+        self.progress.stage, self.progress.percent, self.progress.message = stage, percent, message
+        self.progress.candidate_id = candidate
+        self.progress.update_time.GetCurrentTime()
+        self.save(done=False)
+        log.info("%s %5.1f%% %s", self.build.name, percent, message)
+
+    def save(self, done: bool) -> None:
+        self.build.update_time.GetCurrentTime()
+        self.ctx.state.save_build(self.build, self.progress, done)
+        self.ctx.notify()
+
+    def memoized(self, stage: str, key_parts: list, call, response_cls, artifacts):
+        """Returns (response, reused). `artifacts(response)` lists the artifact names it depends on."""
+        key = digest([stage, key_parts])
+        cached = self.ctx.state.memo_get(key)
+        if cached is not None:
+            response = response_cls.FromString(cached)
+            if all(self.ctx.store.exists(parse_artifact_name(name)) for name in artifacts(response)):
+                return response, True
+        response = call()
+        self.ctx.state.memo_put(key, response.SerializeToString())
+        return response, False
+
+    # ------------------------------------------------------------------ the build
+    def run(self) -> None:
+        try:
+            self._run()
+            self.build.state = coordinator_pb2.BUILD_STATE_SUCCEEDED
+            self.progress.stage, self.progress.percent, self.progress.message = Stage.BUILD_STAGE_DONE, 100.0, "done"
+        except Cancelled as error:
+            self.ctx.scheduler.cancel_build(self.build_id)
+            self.build.state = coordinator_pb2.BUILD_STATE_CANCELLED
+            self.build.error.CopyFrom(status_of(error))
+            self.progress.message = "cancelled"
+        except EdgeforgeError as error:
+            log.warning("%s failed: %s", self.build.name, error.message)
+            self.ctx.scheduler.cancel_build(self.build_id)
+            self.build.state = coordinator_pb2.BUILD_STATE_FAILED
+            self.build.error.CopyFrom(status_of(error))
+            self.progress.message = f"failed: {error.message}"
+        except Exception as error:     # a bug: the build fails with INTERNAL, the coordinator keeps serving
+            log.exception("%s crashed", self.build.name)
+            self.build.state = coordinator_pb2.BUILD_STATE_FAILED
+            self.build.error.CopyFrom(status_of(EdgeforgeError(f"internal error: {type(error).__name__}: {error}")))
+            self.progress.message = "failed: internal error"
+        self.progress.update_time.GetCurrentTime()
+        self.save(done=True)
+
+    def _run(self) -> None:
+        spec, workers = self.build.spec, self.ctx.workers
+        self.step(Stage.BUILD_STAGE_IMPORT, 1, "importing the source model")
+        imported, _ = self.memoized(
+            "import", [spec.model.artifact],
+            lambda: workers.call(workers.compressor.ImportModel,
+                                 compressor_pb2.ImportModelRequest(source=spec.model.artifact)),
+            compressor_pb2.ImportModelResponse, lambda r: [r.model.name])
+        model = imported.model.name
+        self.build.reference_model = model
+
+        self.step(Stage.BUILD_STAGE_CALIBRATE, 5, "calibrating activation statistics")
+        calibration = {"samples": spec.calibration.samples, "sequence_length": spec.calibration.sequence_length}
+        calibrated, reused = self.memoized(
+            "calibrate", [model, spec.calibration.dataset, calibration],
+            lambda: workers.call(workers.calibrator.Calibrate, calibrator_pb2.CalibrateRequest(
+                model=model, dataset=spec.calibration.dataset, **calibration)),
+            calibrator_pb2.CalibrateResponse, lambda r: [r.stats.name])
+        self.build.calibration_stats = calibrated.stats.name
+        if reused:
+            log.info("%s reused calibration %s", self.build.name, calibrated.stats.name)
+
+        self.step(Stage.BUILD_STAGE_EVALUATE, 12, "evaluating the float32 reference")
+        baseline = self.evaluate(model, ExportFormat.REFERENCE, model)
+        self.build.baseline.CopyFrom(baseline)
+
+        candidates = plan(spec)
+        del self.build.candidates[:]
+        for index, candidate in enumerate(candidates):
+            self.build.candidates.append(self.make_candidate(candidate, model, index, len(candidates)))
+            self.save(done=False)
+
+        benchmarks.run(self, candidates)
+        self.step(Stage.BUILD_STAGE_SELECT, 97, "writing the report")
+        benchmarks.write_reports(self)
+
+    def evaluate(self, artifact: str, export_format: ExportFormat, model: str) -> common_pb2.Quality:
+        spec, workers = self.build.spec, self.ctx.workers
+        evaluation = {"max_tokens": spec.evaluation.max_tokens, "window_tokens": spec.evaluation.window_tokens}
+        request = exporter_pb2.EvaluateRequest(model=artifact, format=format_to_proto(export_format),
+                                               dataset=spec.evaluation.dataset, tokenizer_model=model, **evaluation)
+        response, _ = self.memoized("evaluate", [artifact, export_format.value, spec.evaluation.dataset, model,
+                                                 evaluation],
+                                    lambda: workers.call(workers.exporter.Evaluate, request),
+                                    exporter_pb2.EvaluateResponse, lambda r: [])
+        return response.quality
+
+    def make_candidate(self, candidate: PlannedCandidate, model: str, index: int,
+                       count: int) -> coordinator_pb2.CandidateResult:
+        workers, spec = self.ctx.workers, self.build.spec
+        result = coordinator_pb2.CandidateResult(id=candidate.id, format=format_to_proto(candidate.format),
+                                                 recipe=struct(candidate.recipe()))
+        base = 15 + 55 * index / count
+        try:
+            compressed = ""
+            if candidate.quantized:
+                self.step(Stage.BUILD_STAGE_COMPRESS, base, f"compressing {candidate.id}", candidate.id)
+                request = compressor_pb2.CompressRequest(model=model,
+                                                         quantization=quantization_to_proto(candidate.quantization),
+                                                         calibration_stats=self.build.calibration_stats)
+                response, _ = self.memoized(
+                    "compress", [model, candidate.quantization.to_dict()],
+                    lambda: workers.call(workers.compressor.Compress, request),
+                    compressor_pb2.CompressResponse, lambda r: [r.compressed.name])
+                compressed = result.compressed_artifact = response.compressed.name
+            self.step(Stage.BUILD_STAGE_EXPORT, base + 55 / count / 3, f"exporting {candidate.id}", candidate.id)
+            request = exporter_pb2.ExportRequest(model=model, compressed=compressed,
+                                                 format=format_to_proto(candidate.format),
+                                                 float_type=candidate.float_type)
+            exported, _ = self.memoized(
+                "export", [model, compressed, candidate.format.value, candidate.float_type],
+                lambda: workers.call(workers.exporter.Export, request),
+                exporter_pb2.ExportResponse, lambda r: [r.exported.name])
+            result.artifact, result.size_bytes = exported.exported.name, exported.exported.size_bytes
+            result.validation.CopyFrom(exported.validation)
+            self.step(Stage.BUILD_STAGE_EVALUATE, base + 2 * 55 / count / 3, f"evaluating {candidate.id}",
+                      candidate.id)
+            quality = self.evaluate(result.artifact, candidate.format, model)
+            quality.baseline = self.build.baseline.value
+            quality.delta_pct = 100.0 * (quality.value - quality.baseline) / quality.baseline
+            result.quality.CopyFrom(quality)
+        except Cancelled:
+            raise
+        except EdgeforgeError as error:
+            log.warning("%s candidate %s failed: %s", self.build.name, candidate.id, error.message)
+            result.error.CopyFrom(status_of(error))
+        return result
+

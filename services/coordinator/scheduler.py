@@ -1,0 +1,139 @@
+"""Benchmark jobs and their leases.
+
+A job is measured by exactly one device. LeaseJob hands the device its oldest queued job under a
+lease with a TTL; heartbeats extend it. A lease that lapses (agent died, phone unplugged) sends the
+job back to the queue, until `max_attempts` leases have lapsed — then the job fails with that
+reason. A result is accepted once per lease (idempotent by lease id); a result for a lapsed or
+cancelled lease is refused with LEASE_EXPIRED. A device holds at most one lease at a time, so
+measurements never disturb each other: asking for work while holding a lease abandons the old one.
+"""
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+from google.protobuf import timestamp_pb2
+from google.rpc import status_pb2
+
+from edgeforge.v1 import agent_pb2, common_pb2
+from services.coordinator.state import CANCELLED, FAILED, LEASED, QUEUED, SUCCEEDED, CoordinatorState
+from shared.errors import FailedPrecondition, NotFound
+
+ACTIVE, EXPIRED, REPORTED = "ACTIVE", "EXPIRED", "REPORTED"
+
+
+class Scheduler:
+    def __init__(self, state: CoordinatorState, *, lease_ttl_s: float = 30.0, max_attempts: int = 3):
+        self.state, self.db = state, state.db
+        self.lease_ttl_s, self.max_attempts = lease_ttl_s, max_attempts
+        self._wakeup = threading.Condition()
+
+    def enqueue(self, build_id: str, candidate_id: str, device_id: str, job: agent_pb2.BenchmarkJob) -> str:
+        job_id = self.state.add_job(build_id, candidate_id, device_id, job)
+        with self._wakeup:
+            self._wakeup.notify_all()
+        return job_id
+
+    def expire_stale(self, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        with self.db.transaction() as conn:
+            self._expire(conn, now)
+
+    def _expire(self, conn, now: float) -> None:
+        for lease in conn.execute("SELECT * FROM leases WHERE state = ? AND expire_time < ?", (ACTIVE, now)).fetchall():
+            self._release(conn, lease["id"], lease["job_id"], f"lease {lease['id']} lapsed without a heartbeat")
+
+    def _release(self, conn, lease_id: str, job_id: str, why: str) -> None:
+        conn.execute("UPDATE leases SET state = ? WHERE id = ?", (EXPIRED, lease_id))
+        job = conn.execute("SELECT attempts FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if job["attempts"] >= self.max_attempts:
+            error = status_pb2.Status(code=4, message=f"{why}; gave up after {job['attempts']} attempts")
+            conn.execute("UPDATE jobs SET state = ?, outcome = ?, lease_id = NULL WHERE id = ?",
+                         (FAILED, error.SerializeToString(), job_id))
+        else:
+            conn.execute("UPDATE jobs SET state = ?, lease_id = NULL WHERE id = ?", (QUEUED, job_id))
+
+    def lease(self, device_id: str, wait_s: float) -> agent_pb2.Lease | None:
+        self.state.device(device_id)                                    # NOT_FOUND for strangers
+        deadline = time.monotonic() + wait_s
+        while True:
+            now = time.time()
+            with self.db.transaction() as conn:
+                self._expire(conn, now)
+                for held in conn.execute("SELECT * FROM leases WHERE device_id = ? AND state = ?",
+                                         (device_id, ACTIVE)).fetchall():
+                    self._release(conn, held["id"], held["job_id"], "the device asked for new work instead")
+                row = conn.execute("SELECT * FROM jobs WHERE device_id = ? AND state = ? ORDER BY create_time "
+                                   "LIMIT 1", (device_id, QUEUED)).fetchone()
+                if row is not None:
+                    lease_id = uuid.uuid4().hex
+                    expire = now + self.lease_ttl_s
+                    conn.execute("INSERT INTO leases VALUES (?, ?, ?, ?, ?)", (lease_id, row["id"], device_id,
+                                                                              ACTIVE, expire))
+                    conn.execute("UPDATE jobs SET state = ?, lease_id = ?, attempts = attempts + 1 WHERE id = ?",
+                                 (LEASED, lease_id, row["id"]))
+                    expire_time = timestamp_pb2.Timestamp()
+                    expire_time.FromNanoseconds(int(expire * 1e9))
+                    return agent_pb2.Lease(name=f"leases/{lease_id}", job=agent_pb2.BenchmarkJob.FromString(row["job"]),
+                                           expire_time=expire_time, attempt=row["attempts"] + 1)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            with self._wakeup:
+                self._wakeup.wait(min(remaining, 1.0))
+
+    def heartbeat(self, device_id: str, lease_names: list[str]) -> list[str]:
+        """Extends the device's named leases; returns those it must abandon."""
+        now = time.time()
+        self.state.touch_device(device_id, now)
+        cancelled = []
+        with self.db.transaction() as conn:
+            self._expire(conn, now)
+            for name in lease_names:
+                lease_id = name.removeprefix("leases/")
+                updated = conn.execute("UPDATE leases SET expire_time = ? WHERE id = ? AND device_id = ? AND state = ?",
+                                       (now + self.lease_ttl_s, lease_id, device_id, ACTIVE)).rowcount
+                if not updated:
+                    cancelled.append(name)
+        return cancelled
+
+    def report(self, lease_name: str, measurement: common_pb2.Measurement | None,
+               error: status_pb2.Status | None) -> bool:
+        """Records a lease's outcome. True when recorded now, False when it had been already."""
+        lease_id = lease_name.removeprefix("leases/")
+        with self.db.transaction() as conn:
+            lease = conn.execute("SELECT * FROM leases WHERE id = ?", (lease_id,)).fetchone()
+            if lease is None:
+                raise NotFound(f"lease {lease_name} does not exist")
+            if lease["state"] == REPORTED:
+                return False
+            if lease["state"] != ACTIVE:
+                raise FailedPrecondition(f"lease {lease_name} has {lease['state'].lower()}; its result is not "
+                                         "accepted (the job was requeued or cancelled)", reason="LEASE_EXPIRED")
+            if measurement is not None:
+                conn.execute("UPDATE jobs SET state = ?, outcome = ? WHERE id = ?",
+                             (SUCCEEDED, measurement.SerializeToString(), lease["job_id"]))
+            else:
+                conn.execute("UPDATE jobs SET state = ?, outcome = ? WHERE id = ?",
+                             (FAILED, error.SerializeToString(), lease["job_id"]))
+            conn.execute("UPDATE leases SET state = ? WHERE id = ?", (REPORTED, lease_id))
+        return True
+
+    def lease_artifact(self, lease_name: str) -> str:
+        """The artifact name an active lease may fetch."""
+        lease_id = lease_name.removeprefix("leases/")
+        rows = self.db.query("SELECT l.state, j.job FROM leases l JOIN jobs j ON j.id = l.job_id WHERE l.id = ?",
+                             (lease_id,))
+        if not rows:
+            raise NotFound(f"lease {lease_name} does not exist")
+        if rows[0]["state"] != ACTIVE:
+            raise FailedPrecondition(f"lease {lease_name} is {rows[0]['state'].lower()}", reason="LEASE_EXPIRED")
+        return agent_pb2.BenchmarkJob.FromString(rows[0]["job"]).artifact
+
+    def cancel_build(self, build_id: str) -> None:
+        with self.db.transaction() as conn:
+            conn.execute("UPDATE leases SET state = ? WHERE state = ? AND job_id IN "
+                         "(SELECT id FROM jobs WHERE build_id = ?)", (CANCELLED, ACTIVE, build_id))
+            conn.execute("UPDATE jobs SET state = ? WHERE build_id = ? AND state IN (?, ?)",
+                         (CANCELLED, build_id, QUEUED, LEASED))

@@ -1,0 +1,153 @@
+"""Server-side validation of a BuildSpec and the plan of candidates it implies.
+
+Nothing is trusted from the client: every field is checked again here, before the build exists,
+and a bad one is INVALID_ARGUMENT naming the field. Omitted candidates become the default set for
+the task; omitted numbers get the documented defaults (docs/SPEC.md).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from edgeforge.v1 import common_pb2, coordinator_pb2
+from services.compressor.convert import quantization_from_proto, quantization_to_proto
+from services.exporter.base import ExportFormat
+from services.exporter.convert import format_from_proto
+from shared.errors import InvalidArgument, NotFound
+from shared.quant.grids import FLOAT_TYPES, Granularity, Method, QuantizationConfig
+from shared.store.artifacts import ArtifactStore
+from shared.store.records import ArtifactKind, parse_artifact_name
+
+DEFAULT_CANDIDATES = (
+    (ExportFormat.GGUF, QuantizationConfig(Method.NONE, gguf_type="f16")),
+    (ExportFormat.GGUF, QuantizationConfig(Method.RTN, gguf_type="q8_0")),
+    (ExportFormat.GGUF, QuantizationConfig(Method.RTN, gguf_type="q4_0")),
+    (ExportFormat.ONNX, QuantizationConfig(Method.NONE)),
+    (ExportFormat.ONNX, QuantizationConfig(Method.RTN, bits=8, granularity=Granularity.PER_CHANNEL)),
+)
+DEFAULT_BENCHMARK = {"prompt_tokens": 128, "generation_tokens": 32, "warmup_runs": 1, "timed_runs": 5}
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannedCandidate:
+    id: str
+    format: ExportFormat
+    quantization: QuantizationConfig
+    float_type: str                     # storage of tensors left float: "f16" or "f32"
+
+    @property
+    def quantized(self) -> bool:
+        return self.quantization.grid() is not None
+
+    def recipe(self) -> dict:
+        return {"format": self.format.value, "quantization": self.quantization.to_dict(),
+                "float_type": self.float_type}
+
+
+def candidate_id(export_format: ExportFormat, config: QuantizationConfig, float_type: str) -> str:
+    grid = config.grid()
+    if grid is None:
+        return f"{export_format.value}-{float_type}"
+    return f"{export_format.value}-{grid.name.replace('/', '-')}"
+
+
+def _float_type(export_format: ExportFormat, config: QuantizationConfig, field: str) -> str:
+    if config.gguf_type in FLOAT_TYPES:
+        if export_format is ExportFormat.ONNX and config.gguf_type != "f32":
+            raise InvalidArgument("onnx writes float32 at this version; f16 comes with the exporter issue",
+                                  field=f"{field}.quantization.type")
+        return config.gguf_type
+    if config.grid() is None:
+        return "f16" if export_format is ExportFormat.GGUF else "f32"
+    return "f32"
+
+
+def _artifact(store: ArtifactStore, name: str, field: str, kinds: tuple[ArtifactKind, ...]) -> None:
+    if not name:
+        raise InvalidArgument(f"{field} is required (an uploaded artifact, artifacts/{{sha256}})", field=field)
+    sha = parse_artifact_name(name, field)
+    try:
+        record = store.get(sha)
+    except NotFound:
+        raise InvalidArgument(f"{field} {name} does not exist; upload it first", reason="RESOURCE_NOT_FOUND",
+                              field=field)
+    if record.kind not in kinds:
+        raise InvalidArgument(f"{field} {name} is a {record.kind.value}, expected {'/'.join(k.value for k in kinds)}",
+                              field=field)
+
+
+def validate(spec: coordinator_pb2.BuildSpec, store: ArtifactStore) -> tuple[coordinator_pb2.BuildSpec,
+                                                                            list[PlannedCandidate]]:
+    """Returns the spec with defaults filled in and the candidate plan, or raises InvalidArgument."""
+    spec = coordinator_pb2.BuildSpec.FromString(spec.SerializeToString())
+    _artifact(store, spec.model.artifact, "model.artifact", (ArtifactKind.SOURCE_MODEL, ArtifactKind.MODEL))
+    if spec.model.task == common_pb2.MODEL_TASK_UNSPECIFIED:
+        spec.model.task = common_pb2.MODEL_TASK_CAUSAL_LM
+    elif spec.model.task != common_pb2.MODEL_TASK_CAUSAL_LM:
+        raise InvalidArgument(f"model.task {spec.model.task} is not supported (causal-lm only)", field="model.task")
+    _artifact(store, spec.calibration.dataset, "calibration.dataset", (ArtifactKind.DATASET,))
+    _artifact(store, spec.evaluation.dataset, "evaluation.dataset", (ArtifactKind.DATASET,))
+    if spec.calibration.dataset == spec.evaluation.dataset:
+        raise InvalidArgument("calibration and evaluation data are the same artifact; evaluation text must be "
+                              "held out or quality numbers are optimistic", field="evaluation.dataset")
+    spec.calibration.samples = spec.calibration.samples or 64
+    spec.calibration.sequence_length = spec.calibration.sequence_length or 512
+    if not (1 <= spec.calibration.samples <= 4096 and 8 <= spec.calibration.sequence_length <= 8192):
+        raise InvalidArgument("calibration.samples must be in [1, 4096] and sequence_length in [8, 8192]",
+                              field="calibration")
+    spec.evaluation.max_tokens = spec.evaluation.max_tokens or 4096
+    spec.evaluation.window_tokens = spec.evaluation.window_tokens or 512
+    if spec.evaluation.max_tokens < 1 or not 2 <= spec.evaluation.window_tokens <= 8192:
+        raise InvalidArgument("evaluation.max_tokens must be positive and window_tokens in [2, 8192]",
+                              field="evaluation")
+    if not spec.targets:
+        raise InvalidArgument("at least one target is required", field="targets")
+    for i, target in enumerate(spec.targets):
+        if bool(target.selector) == bool(target.device):
+            raise InvalidArgument("give exactly one of selector or device", field=f"targets[{i}]")
+        if target.device and not target.device.startswith("devices/"):
+            raise InvalidArgument(f"device must look like devices/{{id}}, got {target.device!r}",
+                                  field=f"targets[{i}].device")
+    for key in ("max_size_bytes", "max_p90_latency_ms", "max_quality_loss_pct"):
+        if spec.constraints.HasField(key) and getattr(spec.constraints, key) < 0:
+            raise InvalidArgument(f"constraints.{key} must not be negative", field=f"constraints.{key}")
+    if spec.objective == coordinator_pb2.OBJECTIVE_UNSPECIFIED:
+        spec.objective = coordinator_pb2.OBJECTIVE_BEST_QUALITY
+    elif spec.objective not in (coordinator_pb2.OBJECTIVE_BEST_QUALITY, coordinator_pb2.OBJECTIVE_LOWEST_LATENCY):
+        raise InvalidArgument(f"objective {spec.objective} is unknown", field="objective")
+    for key, default in DEFAULT_BENCHMARK.items():
+        value = getattr(spec.benchmark, key)
+        if value < 0:
+            raise InvalidArgument(f"benchmark.{key} must not be negative", field=f"benchmark.{key}")
+        setattr(spec.benchmark, key, value or default)
+    if not spec.candidates:
+        for export_format, config in DEFAULT_CANDIDATES:
+            from services.exporter.convert import format_to_proto
+            spec.candidates.add(format=format_to_proto(export_format), quantization=quantization_to_proto(config))
+    return spec, plan(spec)
+
+
+def plan(spec: coordinator_pb2.BuildSpec) -> list[PlannedCandidate]:
+    planned, seen = [], set()
+    for i, candidate in enumerate(spec.candidates):
+        field = f"candidates[{i}]"
+        export_format = format_from_proto(candidate.format, f"{field}.format")
+        if export_format is ExportFormat.REFERENCE:
+            raise InvalidArgument("reference is not an export format", field=f"{field}.format")
+        quantization = candidate.quantization
+        if not candidate.HasField("quantization") or quantization.method == common_pb2.QUANT_METHOD_UNSPECIFIED \
+                and not quantization.gguf_type and not quantization.bits:
+            quantization = common_pb2.QuantizationConfig(method=common_pb2.QUANT_METHOD_NONE)
+        try:
+            config = quantization_from_proto(quantization)
+        except InvalidArgument as error:
+            raise InvalidArgument(error.message, field=f"{field}.{error.field or 'quantization'}")
+        if export_format is ExportFormat.ONNX and config.gguf_type in ("q8_0", "q4_0"):
+            raise InvalidArgument(f"{config.gguf_type} is a GGUF block type; give onnx bits/granularity",
+                                  field=f"{field}.quantization.type")
+        float_type = _float_type(export_format, config, field)
+        candidate_name = candidate.id or candidate_id(export_format, config, float_type)
+        if candidate_name in seen:
+            raise InvalidArgument(f"candidate id {candidate_name!r} appears twice", field=f"{field}.id")
+        seen.add(candidate_name)
+        planned.append(PlannedCandidate(candidate_name, export_format, config, float_type))
+    return planned

@@ -1,0 +1,137 @@
+"""The coordinator's durable state in SQLite: builds (with their operation), memoised stage results,
+devices, and benchmark jobs with their leases. Protos are stored as serialized bytes; every
+change is one transaction, so a crash leaves either the old or the new state.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from typing import Any
+
+from edgeforge.v1 import agent_pb2, coordinator_pb2
+from shared.errors import AlreadyExists, NotFound
+from shared.store.database import Database
+
+SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS builds (
+        id TEXT PRIMARY KEY, request_id TEXT UNIQUE, request_hash TEXT NOT NULL, build BLOB NOT NULL,
+        progress BLOB NOT NULL, done INTEGER NOT NULL, cancel_requested INTEGER NOT NULL,
+        create_time REAL NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS memo (key TEXT PRIMARY KEY, value BLOB NOT NULL, create_time REAL NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS devices (id TEXT PRIMARY KEY, device BLOB NOT NULL, last_heartbeat REAL NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS jobs (
+        id TEXT PRIMARY KEY, build_id TEXT NOT NULL, candidate_id TEXT NOT NULL, device_id TEXT NOT NULL,
+        job BLOB NOT NULL, state TEXT NOT NULL, attempts INTEGER NOT NULL, lease_id TEXT,
+        lease_expire REAL, outcome BLOB, create_time REAL NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS jobs_by_device ON jobs(device_id, state, create_time)",
+    """CREATE TABLE IF NOT EXISTS leases (
+        id TEXT PRIMARY KEY, job_id TEXT NOT NULL, device_id TEXT NOT NULL, state TEXT NOT NULL,
+        expire_time REAL NOT NULL)""",
+]
+
+QUEUED, LEASED, SUCCEEDED, FAILED, CANCELLED = "QUEUED", "LEASED", "SUCCEEDED", "FAILED", "CANCELLED"
+
+
+def digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class CoordinatorState:
+    def __init__(self, db: Database):
+        self.db = db
+        db.migrate(SCHEMA)
+
+    # ------------------------------------------------------------------ builds
+    def create_build(self, build: coordinator_pb2.Build, progress: coordinator_pb2.BuildProgress,
+                     request_id: str, request_hash: str) -> tuple[str, bool]:
+        """Inserts a build; with a known request_id returns (existing id, False) or ALREADY_EXISTS."""
+        with self.db.transaction() as conn:
+            if request_id:
+                row = conn.execute("SELECT id, request_hash FROM builds WHERE request_id = ?",
+                                   (request_id,)).fetchone()
+                if row is not None:
+                    if row["request_hash"] != request_hash:
+                        raise AlreadyExists(f"request_id {request_id!r} was already used for a different build spec",
+                                            field="request_id")
+                    return row["id"], False
+            build_id = build.name.removeprefix("builds/")
+            conn.execute("INSERT INTO builds VALUES (?, ?, ?, ?, ?, 0, 0, ?)",
+                         (build_id, request_id or None, request_hash, build.SerializeToString(),
+                          progress.SerializeToString(), time.time()))
+        return build_id, True
+
+    def save_build(self, build: coordinator_pb2.Build, progress: coordinator_pb2.BuildProgress, done: bool) -> None:
+        with self.db.transaction() as conn:
+            conn.execute("UPDATE builds SET build = ?, progress = ?, done = ? WHERE id = ?",
+                         (build.SerializeToString(), progress.SerializeToString(), int(done),
+                          build.name.removeprefix("builds/")))
+
+    def load_build(self, build_id: str) -> tuple[coordinator_pb2.Build, coordinator_pb2.BuildProgress, bool, bool]:
+        rows = self.db.query("SELECT * FROM builds WHERE id = ?", (build_id,))
+        if not rows:
+            raise NotFound(f"build builds/{build_id} does not exist")
+        row = rows[0]
+        return (coordinator_pb2.Build.FromString(row["build"]), coordinator_pb2.BuildProgress.FromString(row["progress"]),
+                bool(row["done"]), bool(row["cancel_requested"]))
+
+    def list_builds(self, limit: int, offset: int) -> list[str]:
+        rows = self.db.query("SELECT id FROM builds ORDER BY create_time DESC, id LIMIT ? OFFSET ?", (limit, offset))
+        return [r["id"] for r in rows]
+
+    def unfinished_builds(self) -> list[str]:
+        return [r["id"] for r in self.db.query("SELECT id FROM builds WHERE done = 0 ORDER BY create_time")]
+
+    def request_cancel(self, build_id: str) -> None:
+        self.load_build(build_id)
+        with self.db.transaction() as conn:
+            conn.execute("UPDATE builds SET cancel_requested = 1 WHERE id = ?", (build_id,))
+
+    def delete_build(self, build_id: str) -> None:
+        with self.db.transaction() as conn:
+            conn.execute("DELETE FROM jobs WHERE build_id = ?", (build_id,))
+            conn.execute("DELETE FROM builds WHERE id = ?", (build_id,))
+
+    # ------------------------------------------------------------------ memo
+    def memo_get(self, key: str) -> bytes | None:
+        rows = self.db.query("SELECT value FROM memo WHERE key = ?", (key,))
+        return rows[0]["value"] if rows else None
+
+    def memo_put(self, key: str, value: bytes) -> None:
+        with self.db.transaction() as conn:
+            conn.execute("INSERT OR REPLACE INTO memo VALUES (?, ?, ?)", (key, value, time.time()))
+
+    # ------------------------------------------------------------------ devices
+    def upsert_device(self, device: coordinator_pb2.Device, now: float) -> None:
+        with self.db.transaction() as conn:
+            conn.execute("INSERT OR REPLACE INTO devices VALUES (?, ?, ?)",
+                         (device.name.removeprefix("devices/"), device.SerializeToString(), now))
+
+    def touch_device(self, device_id: str, now: float) -> None:
+        with self.db.transaction() as conn:
+            updated = conn.execute("UPDATE devices SET last_heartbeat = ? WHERE id = ?", (now, device_id)).rowcount
+        if not updated:
+            raise NotFound(f"device devices/{device_id} is not registered; call RegisterAgent first")
+
+    def devices(self) -> list[tuple[coordinator_pb2.Device, float]]:
+        rows = self.db.query("SELECT device, last_heartbeat FROM devices ORDER BY id")
+        return [(coordinator_pb2.Device.FromString(r["device"]), r["last_heartbeat"]) for r in rows]
+
+    def device(self, device_id: str) -> tuple[coordinator_pb2.Device, float]:
+        rows = self.db.query("SELECT device, last_heartbeat FROM devices WHERE id = ?", (device_id,))
+        if not rows:
+            raise NotFound(f"device devices/{device_id} is not registered")
+        return coordinator_pb2.Device.FromString(rows[0]["device"]), rows[0]["last_heartbeat"]
+
+    # ------------------------------------------------------------------ jobs
+    def add_job(self, build_id: str, candidate_id: str, device_id: str, job: agent_pb2.BenchmarkJob) -> str:
+        job_id = uuid.uuid4().hex
+        with self.db.transaction() as conn:
+            conn.execute("INSERT INTO jobs VALUES (?, ?, ?, ?, ?, ?, 0, NULL, NULL, NULL, ?)",
+                         (job_id, build_id, candidate_id, device_id, job.SerializeToString(), QUEUED, time.time()))
+        return job_id
+
+    def jobs_of_build(self, build_id: str) -> list[dict]:
+        return [dict(r) for r in self.db.query("SELECT * FROM jobs WHERE build_id = ? ORDER BY create_time",
+                                               (build_id,))]
