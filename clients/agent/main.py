@@ -86,7 +86,7 @@ class Agent:
         self.stopping = threading.Event()
         self.current_lease: str | None = None
         self.lease_cancelled = threading.Event()
-        self.heartbeat_interval_s = 5.0
+        self.heartbeat_interval_s = 1.0          # until the coordinator says otherwise
 
     @property
     def device(self) -> str:

@@ -23,7 +23,7 @@ import grpc
 from google.protobuf import json_format
 
 from clients.cli import progress, tables
-from clients.python import spec as spec_file
+from clients.python import spec as spec_file, transfer
 from clients.python.client import Client, build_name
 from edgeforge.v1 import coordinator_pb2
 
@@ -113,6 +113,8 @@ def cmd_build(args) -> int:
         return _fail(f"invalid spec: {error}", BAD_INPUT)
     except grpc.RpcError as error:
         return _rpc_exit(error)
+    except transfer.TransferError as error:
+        return _fail(str(error), FAILED)
 
 
 def cmd_builds_get(args) -> int:

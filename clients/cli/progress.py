@@ -37,6 +37,8 @@ def upload_progress(bar: Bar):
     def report(what: str, done: int, total: int) -> None:
         fraction = done / total if total else 1.0
         bar.show(f"upload {what}"[:12], fraction, f"{done / 1e6:.1f}/{total / 1e6:.1f} MB", key=int(fraction * 4))
+        if done >= total:
+            bar.done()
     return report
 
 

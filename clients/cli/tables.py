@@ -8,13 +8,13 @@ def candidate_table(report: dict) -> str:
         attrs = device["attributes"]
         lines.append(f"device {device['device']}  ({attrs.get('cpu', '?')}, {attrs.get('os', '?')}/"
                      f"{attrs.get('arch', '?')}, {attrs.get('cores', '?')} cores)")
-        header = f"  {'candidate':<22}{'size MB':>9}{'ppl':>9}{'Δ%':>8}{'p50 ms':>9}{'p90 ms':>9}{'load ms':>9}" \
+        header = f"  {'candidate':<27}{'size MB':>9}{'ppl':>9}{'Δ%':>8}{'p50 ms':>9}{'p90 ms':>9}{'load ms':>9}" \
                  f"{'RSS MB':>8}{'pp t/s':>8}{'tg t/s':>8}  status / why"
         lines += [header, "  " + "-" * (len(header) + 10)]
         for r in device["candidates"]:
             why = r["rejected_by"] or r["error"]
             mark = "★ chosen" if r["status"] == "chosen" else f"{r['status']}: {why}"
-            lines.append(f"  {r['id']:<22}{r['size_bytes'] / 1e6:>9.1f}{r['quality']['value']:>9.3f}"
+            lines.append(f"  {r['id']:<27}{r['size_bytes'] / 1e6:>9.1f}{r['quality']['value']:>9.3f}"
                          f"{r['quality']['delta_pct']:>+8.2f}{r['latency_ms']['p50']:>9.1f}{r['latency_ms']['p90']:>9.1f}"
                          f"{r['load_ms']:>9.0f}{r['peak_rss_bytes'] / 1e6:>8.0f}{r['tokens_per_s']['prompt']:>8.1f}"
                          f"{r['tokens_per_s']['generation']:>8.1f}  {mark}")

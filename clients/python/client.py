@@ -47,9 +47,13 @@ class Client:
         """An HF directory (sent as a deterministic tar bundle) or a GGUF file."""
         if path.is_dir():
             from shared.models import bundle
+            from shared.errors import InvalidArgument
             with tempfile.TemporaryDirectory() as scratch:
                 tar = Path(scratch) / f"{path.name}.tar"
-                bundle.pack(path, tar)
+                try:
+                    bundle.pack(path, tar)
+                except InvalidArgument as error:
+                    raise SpecError("model.path", error.message) from error
                 return self.upload(tar, common_pb2.ARTIFACT_KIND_SOURCE_MODEL, display_name=path.name,
                                    media_type=BUNDLE_MEDIA_TYPE, progress=progress)
         with open(path, "rb") as f:

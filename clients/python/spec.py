@@ -89,9 +89,15 @@ def _choice(table: dict, value: str, field: str) -> int:
     return table[value]
 
 
-def _positive(value: int | float | None, field: str, upper: float | None = None):
-    if value is not None and (value <= 0 or (upper is not None and value > upper)):
-        raise SpecError(field, f"must be in (0, {upper:g}], got {value}" if upper else f"must be positive, got {value}")
+def _positive(value: int | float | None, field: str, upper: float | None = None, lower: float | None = None):
+    """Checks value > 0 (or >= lower when given) and <= upper."""
+    if value is None:
+        return value
+    too_low = value < lower if lower is not None else value <= 0
+    if too_low or (upper is not None and value > upper):
+        low = f"[{lower:g}" if lower is not None else "(0"
+        raise SpecError(field, f"must be in {low}, {upper:g}], got {value}" if upper else
+                        f"must be positive, got {value}")
     return value
 
 
@@ -133,11 +139,12 @@ def parse(raw: Any, base_dir: Path) -> SpecFile:
     calibration_path = _file(base_dir, calibration.get("text_file"), "calibration.text_file")
     spec.calibration.samples = _positive(calibration.get("samples", 64), "calibration.samples", 4096)
     spec.calibration.sequence_length = _positive(calibration.get("sequence_length", 512),
-                                                 "calibration.sequence_length", 8192)
+                                                 "calibration.sequence_length", 8192, lower=8)
     evaluation = _check_keys("evaluation", "evaluation", raw.get("evaluation") or {})
     evaluation_path = _file(base_dir, evaluation.get("text_file"), "evaluation.text_file")
     spec.evaluation.max_tokens = _positive(evaluation.get("max_tokens", 4096), "evaluation.max_tokens")
-    spec.evaluation.window_tokens = _positive(evaluation.get("window_tokens", 512), "evaluation.window_tokens", 8192)
+    spec.evaluation.window_tokens = _positive(evaluation.get("window_tokens", 512), "evaluation.window_tokens", 8192,
+                                              lower=2)
     targets = raw.get("targets") or []
     if not targets:
         raise SpecError("targets", "at least one target is required, e.g. [{selector: {os: linux}}]")

@@ -20,7 +20,8 @@ def quantization_from_proto(proto: common_pb2.QuantizationConfig) -> Quantizatio
         raise InvalidArgument(f"quantization.granularity {proto.granularity} is unknown",
                               field="quantization.granularity")
     return QuantizationConfig(_METHODS[proto.method], proto.gguf_type, proto.bits,
-                              _GRANULARITIES.get(proto.granularity), proto.group_size, proto.symmetric).validated()
+                              _GRANULARITIES.get(proto.granularity), proto.group_size,
+                              proto.symmetric if proto.HasField("symmetric") else True).validated()
 
 
 def quantization_to_proto(config: QuantizationConfig) -> common_pb2.QuantizationConfig:

@@ -7,6 +7,7 @@ from edgeforge.v1 import coordinator_pb2, coordinator_pb2_grpc
 from shared.artifact_convert import artifact_to_proto, kind_from_proto, lineage_from_proto
 from shared.errors import InvalidArgument, ResourceExhausted
 from shared.grpc_status import rpc, rpc_stream
+from shared.paging import next_token, page
 from shared.store.artifacts import ArtifactStore
 from shared.store.blobs import CHUNK_BYTES
 from shared.store.records import UploadRecord, parse_artifact_name
@@ -93,27 +94,15 @@ class ArtifactStoreServicer(coordinator_pb2_grpc.ArtifactStoreServicer):
 
     @rpc
     def ListArtifacts(self, request, context):
-        size = request.page_size or 100
-        if not 0 < size <= 1000:
-            raise InvalidArgument(f"page_size must be in [1, 1000], got {request.page_size}", field="page_size")
-        offset = _page_offset(request.page_token)
+        size, offset = page(request.page_size, request.page_token, 100)
         kind = kind_from_proto(request.kind) if request.kind else None
         records = self.store.list(kind, size + 1, offset)
-        return coordinator_pb2.ListArtifactsResponse(
-            artifacts=[artifact_to_proto(r) for r in records[:size]],
-            next_page_token=str(offset + size) if len(records) > size else "")
+        return coordinator_pb2.ListArtifactsResponse(artifacts=[artifact_to_proto(r) for r in records[:size]],
+                                                     next_page_token=next_token(offset, size, len(records)))
 
     @rpc_stream
     def ReadArtifact(self, request, context):
         yield from read_chunks(self.store, parse_artifact_name(request.name), request.offset, request.chunk_size_bytes)
-
-
-def _page_offset(token: str) -> int:
-    if not token:
-        return 0
-    if not token.isdigit():
-        raise InvalidArgument(f"page_token {token[:40]!r} is not one this server issued", field="page_token")
-    return int(token)
 
 
 def registration(store: ArtifactStore):

@@ -57,8 +57,7 @@ def run(runner: "BuildRunner", candidates) -> None:
     runner.step(Stage.BUILD_STAGE_BENCHMARK, 70, "matching devices")
     devices = resolve_devices(runner)
     ready = [c for c in build.candidates if not c.HasField("error")]
-    jobs = 0
-    if not any(j for j in ctx.state.jobs_of_build(runner.build_id)):
+    if not ctx.state.jobs_of_build(runner.build_id):                  # a resumed build keeps its jobs
         for device in devices:
             for candidate in ready:
                 sha = parse_artifact_name(candidate.artifact)
@@ -66,7 +65,6 @@ def run(runner: "BuildRunner", candidates) -> None:
                                              artifact=candidate.artifact, sha256=sha, size_bytes=candidate.size_bytes,
                                              config=build.spec.benchmark)
                 ctx.scheduler.enqueue(runner.build_id, candidate.id, device.name.removeprefix("devices/"), job)
-                jobs += 1
     deadline = time.monotonic() + ctx.benchmark_timeout_s
     while True:
         ctx.scheduler.expire_stale()
@@ -111,8 +109,11 @@ def assemble(runner: "BuildRunner", devices, rows) -> None:
                 error = status.message if status else {QUEUED: "no measurement before the benchmark timeout",
                                                        LEASED: "no measurement before the benchmark timeout",
                                                        CANCELLED: "cancelled"}.get(row["state"], row["state"])
-            if error:
-                entry.error.CopyFrom(status_pb2.Status(code=9, message=error))
+                if status:
+                    entry.error.CopyFrom(status)                      # the agent's or scheduler's own status
+            if error and not entry.HasField("error"):
+                code = candidate.error.code if candidate.HasField("error") else 4     # DEADLINE_EXCEEDED / not run
+                entry.error.CopyFrom(status_pb2.Status(code=code, message=error))
             measured.append(Measured(candidate.id, candidate.size_bytes, candidate.quality.value,
                                      candidate.quality.delta_pct, entry.measurement.latency.p90_ms, error))
             result.candidates.append(entry)

@@ -75,8 +75,8 @@ class AgentGatewayServicer(agent_pb2_grpc.AgentGatewayServicer):
     def Heartbeat(self, request, context):
         device_id = parse_device_name(request.device)
         cancelled = self.ctx.scheduler.heartbeat(device_id, list(request.leases))
-        return agent_pb2.HeartbeatResponse(cancelled_leases=cancelled,
-                                           heartbeat_interval_ms=int(HEARTBEAT_INTERVAL_S * 1000))
+        interval_s = min(HEARTBEAT_INTERVAL_S, self.ctx.scheduler.lease_ttl_s / 3)   # three beats per lease TTL
+        return agent_pb2.HeartbeatResponse(cancelled_leases=cancelled, heartbeat_interval_ms=int(interval_s * 1000))
 
     @rpc
     def LeaseJob(self, request, context):

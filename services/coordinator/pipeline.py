@@ -142,7 +142,7 @@ class BuildRunner:
                                                          quantization=quantization_to_proto(candidate.quantization),
                                                          calibration_stats=self.build.calibration_stats)
                 response, _ = self.memoized(
-                    "compress", [model, candidate.quantization.to_dict()],
+                    "compress", [model, self.build.calibration_stats, candidate.quantization.to_dict()],
                     lambda: workers.call(workers.compressor.Compress, request),
                     compressor_pb2.CompressResponse, lambda r: [r.compressed.name])
                 compressed = result.compressed_artifact = response.compressed.name

@@ -1,10 +1,11 @@
 """The build report: a JSON document (the contract pipelines gate on) and a self-contained HTML
 page rendered from it (inline CSS and SVG, no network needed to view it).
 
-report.json: {build, name, state, model, baseline, candidates[], devices[] → {device, attributes,
-chosen, candidates[] → {id, format, recipe, artifact, size_bytes, quality {metric, value, baseline,
-delta_pct}, latency_ms {p50, p90, p99}, load_ms, peak_rss_bytes, tokens_per_s {prompt, generation},
-status, rejected_by}}}
+report.json: {build, name, state, model, baseline, constraints, objective, benchmark,
+devices[] → {device, attributes, chosen, candidates[] → {id, format, recipe, artifact, size_bytes,
+quality {metric, value, baseline, delta_pct}, validation, latency_ms {p50, p90, p99, mean, stddev,
+samples}, load_ms, first_run_ms, peak_rss_bytes, tokens_per_s {prompt, generation}, threads,
+runtime_versions, status, rejected_by, error}}}
 """
 from __future__ import annotations
 

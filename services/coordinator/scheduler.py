@@ -103,6 +103,7 @@ class Scheduler:
         """Records a lease's outcome. True when recorded now, False when it had been already."""
         lease_id = lease_name.removeprefix("leases/")
         with self.db.transaction() as conn:
+            self._expire(conn, time.time())                  # a result after the TTL is late, swept or not
             lease = conn.execute("SELECT * FROM leases WHERE id = ?", (lease_id,)).fetchone()
             if lease is None:
                 raise NotFound(f"lease {lease_name} does not exist")

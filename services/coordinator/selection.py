@@ -50,14 +50,26 @@ def _mb(size_bytes: float) -> str:
     return f"{size_bytes / 1e6:.1f} MB"
 
 
+def _apart(value: float, limit: float, decimals: int, scale: float = 1.0) -> tuple[str, str]:
+    """Both numbers with enough decimals that the larger one visibly exceeds the other."""
+    for places in range(decimals, decimals + 8):
+        shown = (f"{value / scale:.{places}f}", f"{limit / scale:.{places}f}")
+        if shown[0] != shown[1]:
+            return shown
+    return f"{value / scale!r}", f"{limit / scale!r}"
+
+
 def broken_constraints(m: Measured, budget: Budget) -> list[str]:
     broken = []
     if budget.max_size_bytes is not None and m.size_bytes > budget.max_size_bytes:
-        broken.append(f"size {_mb(m.size_bytes)} > max_size_bytes {_mb(budget.max_size_bytes)}")
+        size, limit = _apart(m.size_bytes, budget.max_size_bytes, 1, 1e6)
+        broken.append(f"size {size} MB > max_size_bytes {limit} MB")
     if budget.max_p90_latency_ms is not None and m.p90_ms > budget.max_p90_latency_ms:
-        broken.append(f"p90 latency {m.p90_ms:.1f} ms > max_p90_latency_ms {budget.max_p90_latency_ms:g} ms")
+        p90, limit = _apart(m.p90_ms, budget.max_p90_latency_ms, 1)
+        broken.append(f"p90 latency {p90} ms > max_p90_latency_ms {limit} ms")
     if budget.max_quality_loss_pct is not None and m.quality_loss_pct > budget.max_quality_loss_pct:
-        broken.append(f"quality loss {m.quality_loss_pct:.2f}% > max_quality_loss_pct {budget.max_quality_loss_pct:g}%")
+        loss, limit = _apart(m.quality_loss_pct, budget.max_quality_loss_pct, 2)
+        broken.append(f"quality loss {loss}% > max_quality_loss_pct {limit}%")
     return broken
 
 

@@ -15,6 +15,7 @@ from services.coordinator.pipeline import BuildRunner
 from services.coordinator.spec import validate
 from shared.errors import FailedPrecondition, InvalidArgument
 from shared.grpc_status import rpc
+from shared.paging import next_token, page
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "edgeforge.v1.Coordinator"
@@ -91,16 +92,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
 
     @rpc
     def ListBuilds(self, request, context):
-        size = request.page_size or 50
-        if not 0 < size <= 1000:
-            raise InvalidArgument(f"page_size must be in [1, 1000], got {request.page_size}", field="page_size")
-        offset = int(request.page_token) if request.page_token.isdigit() else 0
-        if request.page_token and not request.page_token.isdigit():
-            raise InvalidArgument("page_token is not one this server issued", field="page_token")
+        size, offset = page(request.page_size, request.page_token, 50)
         ids = self.ctx.state.list_builds(size + 1, offset)
-        return coordinator_pb2.ListBuildsResponse(
-            builds=[self.ctx.state.load_build(i)[0] for i in ids[:size]],
-            next_page_token=str(offset + size) if len(ids) > size else "")
+        return coordinator_pb2.ListBuildsResponse(builds=[self.ctx.state.load_build(i)[0] for i in ids[:size]],
+                                                  next_page_token=next_token(offset, size, len(ids)))
 
 
 class OperationsServicer(operations_pb2_grpc.OperationsServicer):
@@ -113,12 +108,10 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
 
     @rpc
     def ListOperations(self, request, context):
-        size = request.page_size or 50
-        offset = int(request.page_token) if request.page_token.isdigit() else 0
+        size, offset = page(request.page_size, request.page_token, 50)
         ids = self.ctx.state.list_builds(size + 1, offset)
-        return operations_pb2.ListOperationsResponse(
-            operations=[self.builds.operation(i) for i in ids[:size]],
-            next_page_token=str(offset + size) if len(ids) > size else "")
+        return operations_pb2.ListOperationsResponse(operations=[self.builds.operation(i) for i in ids[:size]],
+                                                     next_page_token=next_token(offset, size, len(ids)))
 
     @rpc
     def WaitOperation(self, request, context):

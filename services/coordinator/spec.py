@@ -12,7 +12,7 @@ from edgeforge.v1 import common_pb2, coordinator_pb2
 from services.compressor.convert import quantization_from_proto, quantization_to_proto
 from services.exporter.base import ExportFormat
 from services.exporter.convert import format_from_proto
-from shared.errors import InvalidArgument, NotFound
+from shared.errors import FailedPrecondition, InvalidArgument, NotFound
 from shared.quant.grids import FLOAT_TYPES, Granularity, Method, QuantizationConfig
 from shared.store.artifacts import ArtifactStore
 from shared.store.records import ArtifactKind, parse_artifact_name
@@ -61,6 +61,25 @@ def _float_type(export_format: ExportFormat, config: QuantizationConfig, field: 
     return "f32"
 
 
+def _check_model_format(store: ArtifactStore, sha256: str) -> None:
+    """A source model must be a GGUF file or a model bundle (tar with config.json): check before starting."""
+    import tarfile
+    path = store.path(sha256)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF":
+        return
+    try:
+        with tarfile.open(path, "r:") as tar:
+            if "config.json" in tar.getnames():
+                return
+    except tarfile.TarError:
+        pass
+    raise InvalidArgument(f"model artifacts/{sha256} is neither a GGUF file (magic b'GGUF', got {magic!r}) nor a "
+                          "model bundle (tar of an HF directory with config.json)", reason="UNKNOWN_MODEL_FORMAT",
+                          field="model.artifact")
+
+
 def _artifact(store: ArtifactStore, name: str, field: str, kinds: tuple[ArtifactKind, ...]) -> None:
     if not name:
         raise InvalidArgument(f"{field} is required (an uploaded artifact, artifacts/{{sha256}})", field=field)
@@ -80,6 +99,7 @@ def validate(spec: coordinator_pb2.BuildSpec, store: ArtifactStore) -> tuple[coo
     """Returns the spec with defaults filled in and the candidate plan, or raises InvalidArgument."""
     spec = coordinator_pb2.BuildSpec.FromString(spec.SerializeToString())
     _artifact(store, spec.model.artifact, "model.artifact", (ArtifactKind.SOURCE_MODEL, ArtifactKind.MODEL))
+    _check_model_format(store, parse_artifact_name(spec.model.artifact))
     if spec.model.task == common_pb2.MODEL_TASK_UNSPECIFIED:
         spec.model.task = common_pb2.MODEL_TASK_CAUSAL_LM
     elif spec.model.task != common_pb2.MODEL_TASK_CAUSAL_LM:
@@ -123,7 +143,10 @@ def validate(spec: coordinator_pb2.BuildSpec, store: ArtifactStore) -> tuple[coo
         for export_format, config in DEFAULT_CANDIDATES:
             from services.exporter.convert import format_to_proto
             spec.candidates.add(format=format_to_proto(export_format), quantization=quantization_to_proto(config))
-    return spec, plan(spec)
+    planned = plan(spec)
+    for candidate, planned_candidate in zip(spec.candidates, planned):
+        candidate.id = planned_candidate.id
+    return spec, planned
 
 
 def plan(spec: coordinator_pb2.BuildSpec) -> list[PlannedCandidate]:
@@ -144,6 +167,13 @@ def plan(spec: coordinator_pb2.BuildSpec) -> list[PlannedCandidate]:
         if export_format is ExportFormat.ONNX and config.gguf_type in ("q8_0", "q4_0"):
             raise InvalidArgument(f"{config.gguf_type} is a GGUF block type; give onnx bits/granularity",
                                   field=f"{field}.quantization.type")
+        if export_format is ExportFormat.GGUF and config.grid() is not None:
+            from services.exporter.formats.gguf import gguf_block_type
+            try:
+                gguf_block_type(config.grid())
+            except FailedPrecondition as error:
+                raise InvalidArgument(f"{error.message}; name a llama.cpp type (quantization.type: q8_0 or q4_0)",
+                                      field=f"{field}.quantization")
         float_type = _float_type(export_format, config, field)
         candidate_name = candidate.id or candidate_id(export_format, config, float_type)
         if candidate_name in seen:

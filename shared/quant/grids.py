@@ -91,9 +91,9 @@ class QuantizationConfig:
             if self.gguf_type not in known:
                 raise InvalidArgument(f"quantization.type {self.gguf_type!r} is not one of {known}",
                                       field="quantization.type")
-            if self.bits or self.granularity or self.group_size:
+            if self.bits or self.granularity or self.group_size or not self.symmetric:
                 raise InvalidArgument("quantization.type names a llama.cpp grid; leave bits/granularity/"
-                                      "group_size unset", field="quantization.type")
+                                      "group_size/symmetric unset", field="quantization.type")
             if self.gguf_type in FLOAT_TYPES and self.method is not Method.NONE:
                 raise InvalidArgument(f"type {self.gguf_type} is a float type; use method: none",
                                       field="quantization.method")

@@ -88,7 +88,7 @@ class AgentGatewayServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReportResult(self, request, context):
-        """Reports a lease's measurement or failure. Accepted once per lease; repeats return the same answer.
+        """Reports a lease's measurement or failure. Recorded once per lease; a repeat returns accepted=false.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

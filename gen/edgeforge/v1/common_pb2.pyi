@@ -54,7 +54,6 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INVALID_FIELD: _ClassVar[ErrorReason]
     UNKNOWN_MODEL_FORMAT: _ClassVar[ErrorReason]
     DIGEST_MISMATCH: _ClassVar[ErrorReason]
-    UPLOAD_INCOMPLETE: _ClassVar[ErrorReason]
     UPLOAD_OFFSET_MISMATCH: _ClassVar[ErrorReason]
     RESOURCE_NOT_FOUND: _ClassVar[ErrorReason]
     REQUEST_ID_REUSED: _ClassVar[ErrorReason]
@@ -92,7 +91,6 @@ ERROR_REASON_UNSPECIFIED: ErrorReason
 INVALID_FIELD: ErrorReason
 UNKNOWN_MODEL_FORMAT: ErrorReason
 DIGEST_MISMATCH: ErrorReason
-UPLOAD_INCOMPLETE: ErrorReason
 UPLOAD_OFFSET_MISMATCH: ErrorReason
 RESOURCE_NOT_FOUND: ErrorReason
 REQUEST_ID_REUSED: ErrorReason

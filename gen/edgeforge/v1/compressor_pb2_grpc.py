@@ -52,7 +52,8 @@ class CompressorServicer:
 
     def ImportModel(self, request, context):
         """Turns an uploaded source model (GGUF file or model bundle) into a float32 model bundle in the
-        canonical layout. GGUF weights are dequantized; Q/K rows are un-permuted to HF order.
+        canonical layout. GGUF weights are dequantized; Q/K rows are un-permuted to HF order. A model
+        bundle is validated (config, tensors, shapes) and returned unchanged.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -280,7 +280,8 @@ class ArtifactStoreServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReadArtifact(self, request, context):
-        """Streams an artifact's bytes from an offset, in chunks. The digest is verified as it is read.
+        """Streams an artifact's bytes from an offset, in chunks. The stored blob's digest is verified before
+        the first byte is sent (once per blob per process); receivers verify it again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -521,13 +522,15 @@ class DeviceRegistryServicer:
     """
 
     def ListDevices(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Lists registered devices, optionally filtered by attributes.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetDevice(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Returns one device.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

@@ -1,0 +1,55 @@
+"""Shared fixtures: the real assets prepared by `make setup`, and loopback servers on port 0."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+for path in (ROOT, ROOT / "gen"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+ASSETS = ROOT / ".edgeforge-assets"
+
+
+@pytest.fixture(scope="session")
+def assets() -> Path:
+    """The prepared real model and text (make setup runs `python -m shared.assets prepare`)."""
+    if not (ASSETS / "models" / "smollm2-fp32" / "model.safetensors").is_file():
+        from shared.assets import prepare
+        prepare(ASSETS)
+    return ASSETS
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(assets) -> Path:
+    return assets / "models" / "smollm2-fp32"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(smollm2_dir, tmp_path_factory) -> Path:
+    """A tiny llama with random weights and SmolLM2's real tokenizer: every code path of a build runs in
+    seconds. Synthetic weights are for exercising the machinery only, never for quality claims."""
+    import json
+    import shutil
+
+    import numpy as np
+
+    from shared.models.llama import LlamaConfig
+    from shared.tensors.safetensors_writer import write_safetensors
+    directory = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    directory.mkdir()
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, rope_theta=10000.0,
+                         max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    (directory / "config.json").write_text(json.dumps(config.to_hf()))
+    rng = np.random.default_rng(0)
+    shapes = config.tensor_shapes()
+    tensors = ((name, (np.ones(shape) if len(shape) == 1 else rng.normal(0, 0.05, shape)).astype(np.float32))
+               for name, shape in shapes.items())
+    write_safetensors(directory / "model.safetensors", {n: (s, "F32") for n, s in shapes.items()}, tensors)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2_dir / name, directory / name)
+    return directory

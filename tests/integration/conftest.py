@@ -1,0 +1,17 @@
+"""A real coordinator (embedded workers) on 127.0.0.1:0 with its data in tmp_path."""
+from __future__ import annotations
+
+import pytest
+
+from clients.python.client import Client
+
+
+@pytest.fixture
+def coordinator(tmp_path):
+    from services.coordinator.server import create_server
+    server, port, ctx = create_server("127.0.0.1:0", tmp_path / "data", device_wait_s=2.0, lease_ttl_s=2.0)
+    client = Client(f"127.0.0.1:{port}")
+    client.ctx = ctx
+    yield client
+    client.close()
+    server.stop(0).wait()
