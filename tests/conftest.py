@@ -37,7 +37,7 @@ def tiny_model_dir(smollm2_dir, tmp_path_factory) -> Path:
 
     import numpy as np
 
-    from shared.models.llama import LlamaConfig
+    from shared.models.llama_config import LlamaConfig
     from shared.tensors.safetensors_writer import write_safetensors
     directory = tmp_path_factory.mktemp("tiny") / "tiny-llama"
     directory.mkdir()

@@ -3,8 +3,8 @@
     edgeforge-agent --coordinator HOST:PORT [--label device=pixel-8-host] [--cache-dir DIR]
 
 The agent connects out to the coordinator (devices sit behind NAT). Each artifact is checked against
-the lease's sha256 before it runs; each measurement runs in a child process whose peak RSS
-(ru_maxrss: resident pages, file-backed mappings included) is the memory reported.
+the lease's sha256 before it runs; each measurement runs in a child process whose own peak RSS
+(VmHWM: resident pages, file-backed mappings included) is the memory reported.
 """
 from __future__ import annotations
 
@@ -46,33 +46,24 @@ def device_id(cache_dir: Path) -> str:
 
 
 def run_measurement(export_format: str, path: Path, config: dict, cancelled: threading.Event,
-                    timeout_s: float) -> tuple[dict, int]:
-    """Runs clients.agent.measure in a child; returns (result, the child's peak RSS in bytes)."""
+                    timeout_s: float) -> dict:
+    """Runs clients.agent.measure in a child process (its peak RSS is the runtime's alone)."""
     child = subprocess.Popen([sys.executable, "-m", "clients.agent.measure", export_format, str(path),
                               json.dumps(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    output: dict[str, bytes] = {}
-    readers = [threading.Thread(target=lambda n=n, s=s: output.__setitem__(n, s.read()), daemon=True)
-               for n, s in (("stdout", child.stdout), ("stderr", child.stderr))]
-    for reader in readers:
-        reader.start()
     started = time.monotonic()
-    while True:                        # reap with wait4 ourselves: it reports this child's own ru_maxrss
-        pid, status, usage = os.wait4(child.pid, os.WNOHANG)
-        if pid == child.pid:
-            child.returncode = os.waitstatus_to_exitcode(status)
+    while True:
+        try:
+            stdout, stderr = child.communicate(timeout=0.2)
             break
-        if cancelled.is_set() or time.monotonic() - started > timeout_s:
-            child.kill()
-            os.wait4(child.pid, 0)
-            child.returncode = -9
-            raise RuntimeError("cancelled" if cancelled.is_set() else f"measurement exceeded {timeout_s:.0f} s")
-        time.sleep(0.05)
-    for reader in readers:
-        reader.join()
+        except subprocess.TimeoutExpired:
+            if cancelled.is_set() or time.monotonic() - started > timeout_s:
+                child.kill()
+                child.communicate()
+                raise RuntimeError("cancelled" if cancelled.is_set() else f"measurement exceeded {timeout_s:.0f} s")
     if child.returncode != 0:
-        tail = output.get("stderr", b"").decode(errors="replace").strip().splitlines()[-3:]
+        tail = stderr.decode(errors="replace").strip().splitlines()[-3:]
         raise RuntimeError(f"{RUNTIME_OF[export_format]} failed (exit {child.returncode}): {' | '.join(tail)}")
-    return json.loads(output["stdout"].decode().strip().splitlines()[-1]), usage.ru_maxrss * 1024   # KiB on Linux
+    return json.loads(stdout.decode().strip().splitlines()[-1])
 
 
 class Agent:
@@ -156,10 +147,8 @@ class Agent:
                                                                                            offset=offset), timeout=3600)
             path = self.cache.fetch(job.sha256, job.size_bytes, read)
             config = json_format.MessageToDict(job.config, preserving_proto_field_name=True)
-            result, peak_rss = run_measurement(export_format, path, config, self.lease_cancelled,
-                                               self.measure_timeout_s)
-            measurement = common_pb2.Measurement(peak_rss_bytes=peak_rss)
-            json_format.ParseDict(result, measurement)
+            result = run_measurement(export_format, path, config, self.lease_cancelled, self.measure_timeout_s)
+            measurement = json_format.ParseDict(result, common_pb2.Measurement())
             request.measurement.CopyFrom(measurement)
         except (RuntimeError, OSError, ValueError, grpc.RpcError) as error:
             if self.lease_cancelled.is_set():

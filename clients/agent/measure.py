@@ -21,6 +21,21 @@ import numpy as np
 from clients.agent.drivers import DRIVERS
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size, file-backed mapped pages included (Linux VmHWM).
+
+    Read by the process itself: a parent's ru_maxrss for a child would also count the parent's own
+    pages copied at fork (Linux keeps the pre-exec maximum), inflating small runtimes' numbers."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    import resource
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024        # bytes on macOS, KiB elsewhere
+
+
 def percentiles(samples: list[float]) -> dict[str, float]:
     values = np.array(samples, dtype=np.float64)
     return {"p50_ms": float(np.percentile(values, 50)), "p90_ms": float(np.percentile(values, 90)),
@@ -50,13 +65,15 @@ def measure(export_format: str, path: Path, config: dict) -> dict:
         pp, tg = run()
         pp_samples.append(pp)
         tg_samples.append(tg)
+    peak = peak_rss_bytes()
     driver.close()
     totals = [p + g for p, g in zip(pp_samples, tg_samples)]
     return {"latency": {**percentiles(totals), "samples_ms": totals},
             "prompt_tokens_per_s": prompt_tokens / (float(np.median(pp_samples)) / 1e3),
             "generation_tokens_per_s": generation_tokens / (float(np.median(tg_samples)) / 1e3) if generation_tokens else 0.0,
             "load_ms": load_ms, "first_run_ms": sum(first), "threads": threads,
-            "runtime_versions": driver.versions, "prompt_samples_ms": pp_samples, "generation_samples_ms": tg_samples}
+            "runtime_versions": driver.versions, "prompt_samples_ms": pp_samples, "generation_samples_ms": tg_samples,
+            "peak_rss_bytes": peak}
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ import torch
 
 from shared.errors import InvalidArgument
 from shared.models.bundle import ModelDir
-from shared.models.llama import build_reference, is_linear_weight
+from shared.models.llama import build_reference
+from shared.models.llama_config import is_linear_weight
 from shared.models.tokenizer import TextTokenizer
 from shared.tensors.safetensors_writer import write_safetensors
 

@@ -12,7 +12,7 @@ from typing import Iterator
 
 import numpy as np
 
-from services.compressor.quant.rtn import quantize
+from services.compressor.quant.rtn import ROW_CHUNK, quantize
 from shared.models.bundle import ModelDir
 from shared.quant import compressed
 from shared.quant.grids import QuantizationConfig
@@ -52,14 +52,17 @@ def compress(model: ModelDir, model_sha256: str, recipe: QuantizationConfig, out
 
     def tensors() -> Iterator[tuple[str, np.ndarray | QuantizedTensor]]:
         for p in plans:
-            weight = model.tensor(p.name).numpy()
+            weight = model.array(p.name)
             if p.grid is None:
                 yield p.name, weight
                 continue
             q = quantize(weight, p.grid)
-            error = weight - q.dequantize()
-            noise = float(np.square(error, dtype=np.float64).sum())
-            signal = float(np.square(weight, dtype=np.float64).sum())
+            noise = signal = 0.0
+            for start in range(0, weight.shape[0], ROW_CHUNK):      # bounded temporaries for huge tensors
+                rows = weight[start:start + ROW_CHUNK]
+                error = (rows - q.dequantize(start, start + len(rows))).ravel()
+                noise += float(np.vdot(error, error))
+                signal += float(np.vdot(rows.ravel(), rows.ravel()))
             reports.append(TensorReport(p.name, p.grid.name, noise / weight.size,
                                         10 * math.log10(signal / noise) if noise > 0 else math.inf))
             yield p.name, q

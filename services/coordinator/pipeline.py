@@ -115,6 +115,7 @@ class BuildRunner:
 
         benchmarks.run(self, candidates)
         self.step(Stage.BUILD_STAGE_SELECT, 97, "writing the report")
+        self.build.state = coordinator_pb2.BUILD_STATE_SUCCEEDED      # what the report describes
         benchmarks.write_reports(self)
 
     def evaluate(self, artifact: str, export_format: ExportFormat, model: str) -> common_pb2.Quality:

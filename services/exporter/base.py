@@ -41,7 +41,7 @@ class ExportInput:
             plan = self.compressed.plan(name)
             if plan.grid is not None:
                 return self.compressed.read(name)
-        return self.model.tensor(name).numpy()
+        return self.model.array(name)
 
     def grid(self, name: str):
         """The tensor's quantization grid, or None when it stays float."""

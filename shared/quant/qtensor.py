@@ -24,17 +24,18 @@ class QuantizedTensor:
             return self.zeros
         return np.full(self.scales.shape, 1 << (self.grid.bits - 1), dtype=np.uint8)
 
-    def dequantize(self) -> np.ndarray:
-        """ŵ = (code − zero) · scale, as float32 (rows, columns)."""
+    def dequantize(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """ŵ = (code − zero) · scale for rows [start, stop), as float32 (rows, columns)."""
         rows, columns = self.codes.shape
-        group = columns if self.grid.granularity is not Granularity.PER_GROUP else self.grid.group_size
+        stop = rows if stop is None else stop
+        codes = self.codes[start:stop].astype(np.float32)
         if self.grid.granularity is Granularity.PER_TENSOR:
-            flat = (self.codes.astype(np.float32) - np.float32(self.zero_points()[0, 0]))
-            return flat * np.float32(self.scales[0, 0])
-        codes = self.codes.reshape(rows, columns // group, group).astype(np.float32)
-        zeros = self.zero_points().astype(np.float32)[..., None]
-        scales = self.scales.astype(np.float32)[..., None]
-        return ((codes - zeros) * scales).reshape(rows, columns)
+            return (codes - np.float32(self.zero_points()[0, 0])) * np.float32(self.scales[0, 0])
+        group = columns if self.grid.granularity is Granularity.PER_CHANNEL else self.grid.group_size
+        codes = codes.reshape(stop - start, columns // group, group)
+        zeros = self.zero_points()[start:stop].astype(np.float32)[..., None]
+        scales = self.scales[start:stop].astype(np.float32)[..., None]
+        return ((codes - zeros) * scales).reshape(stop - start, columns)
 
 
 def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:

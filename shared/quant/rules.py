@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 
-from shared.models.llama import LlamaConfig, is_linear_weight
+from shared.models.llama_config import LlamaConfig, is_linear_weight
 from shared.quant.grids import GGUF_GRIDS, Grid, QuantizationConfig
 
 log = logging.getLogger(__name__)

@@ -14,9 +14,10 @@ ROW_CHUNK = 2048
 
 
 def roundf(x: np.ndarray) -> np.ndarray:
-    """C's roundf: halves away from zero (computed in float64 so |x|+0.5 cannot round up)."""
+    """C's roundf: halves away from zero. Where |x| + 0.5 would round up in float32 (|x| just below
+    k + 0.5), np.trunc of the float32 sum could be off by one, so the sum is formed in float64."""
     x64 = x.astype(np.float64)
-    return np.sign(x64) * np.floor(np.abs(x64) + 0.5)
+    return np.copysign(np.floor(np.abs(x64) + 0.5), x64)
 
 
 def quantize(W: np.ndarray, grid: Grid) -> QuantizedTensor:

@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from shared.models.llama import LlamaConfig
+from shared.models.llama_config import LlamaConfig
 from shared.quant.grids import Granularity
 from shared.quant.qtensor import QuantizedTensor
 
