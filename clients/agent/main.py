@@ -70,7 +70,8 @@ class Agent:
     def __init__(self, coordinator: str, cache_dir: Path, cache_max_bytes: int, labels: dict[str, str],
                  device: str | None = None, cooldown_s: float = 1.0, measure_timeout_s: float = 1800.0):
         from shared.server import channel
-        self.stub = agent_pb2_grpc.AgentGatewayStub(channel(coordinator))
+        self._channel = channel(coordinator)
+        self.stub = agent_pb2_grpc.AgentGatewayStub(self._channel)
         self.cache = ArtifactCache(cache_dir / "artifacts", cache_max_bytes)
         self.device_id = device or device_id(cache_dir)
         self.labels, self.cooldown_s, self.measure_timeout_s = labels, cooldown_s, measure_timeout_s
@@ -78,6 +79,11 @@ class Agent:
         self.current_lease: str | None = None
         self.lease_cancelled = threading.Event()
         self.heartbeat_interval_s = 1.0          # until the coordinator says otherwise
+
+    def stop(self) -> None:
+        """Stops the loops now: closing the channel ends a pending LeaseJob long-poll at once."""
+        self.stopping.set()
+        self._channel.close()
 
     @property
     def device(self) -> str:
@@ -100,6 +106,8 @@ class Agent:
                 if lease and lease in response.cancelled_leases:
                     log.warning("%s was cancelled or lapsed; abandoning it", lease)
                     self.lease_cancelled.set()
+            except ValueError:                                      # the channel was closed by stop()
+                return
             except grpc.RpcError as error:
                 if error.code() == grpc.StatusCode.NOT_FOUND:      # the coordinator forgot us: register again
                     self._safely(self.register)
@@ -122,11 +130,13 @@ class Agent:
             try:
                 response = self.stub.LeaseJob(agent_pb2.LeaseJobRequest(device=self.device, wait_ms=10_000),
                                               timeout=20)
-            except grpc.RpcError as error:
-                if error.code() == grpc.StatusCode.NOT_FOUND:
+            except (grpc.RpcError, ValueError) as error:      # ValueError: the channel was closed by stop()
+                if self.stopping.is_set():
+                    return
+                if isinstance(error, grpc.RpcError) and error.code() == grpc.StatusCode.NOT_FOUND:
                     self._safely(self.register)
                 else:
-                    log.warning("LeaseJob failed: %s", error.details())
+                    log.warning("LeaseJob failed: %s", getattr(error, "details", lambda: error)())
                 self.stopping.wait(2.0)
                 continue
             if response.HasField("lease"):
@@ -163,6 +173,8 @@ class Agent:
             try:
                 self.stub.ReportResult(request, timeout=30)
                 return
+            except ValueError:                                      # stopped while measuring
+                return
             except grpc.RpcError as error:
                 if error.code() != grpc.StatusCode.UNAVAILABLE:
                     log.warning("ReportResult refused: %s", error.details())
@@ -192,8 +204,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s agent %(levelname)s %(message)s")
     agent = Agent(args.coordinator, args.cache_dir, args.cache_max_bytes, _labels(args.label), args.device_id,
                   args.cooldown_s)
-    signal.signal(signal.SIGTERM, lambda *_: agent.stopping.set())
-    signal.signal(signal.SIGINT, lambda *_: agent.stopping.set())
+    signal.signal(signal.SIGTERM, lambda *_: agent.stop())
+    signal.signal(signal.SIGINT, lambda *_: agent.stop())
     agent.run_forever()
 
 

@@ -27,8 +27,9 @@ def agent(coordinator, tmp_path):
     while not coordinator.list_devices() and time.monotonic() < deadline:
         time.sleep(0.1)
     yield worker
-    worker.stopping.set()
+    worker.stop()
     thread.join(timeout=30)
+    assert not thread.is_alive()
 
 
 def tiny_spec(tiny_model_dir, assets, **overrides) -> spec_file.SpecFile:
