@@ -6,7 +6,6 @@ write to `<dest>.part`, resume from its length, and rename only after the digest
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Callable, Iterator
 import grpc
 
 from edgeforge.v1 import common_pb2, coordinator_pb2
+from shared.store.blobs import sha256_file
 
 CHUNK_BYTES = 1 << 20
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED,
@@ -24,14 +24,6 @@ Progress = Callable[[int, int], None]          # (bytes done, bytes total)
 
 class TransferError(Exception):
     """A transfer that cannot complete (digest mismatch after download, retries exhausted)."""
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _chunks(path: Path, upload: str, offset: int, progress: Progress | None, total: int
