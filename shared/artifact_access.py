@@ -102,10 +102,13 @@ _unpack_lock = threading.Lock()
 def open_model(access: ArtifactAccess, name: str, field: str = "model") -> tuple[ModelDir, str]:
     """The float model bundle `name`, unpacked once into the cache. Returns (ModelDir, sha256)."""
     record = access.get(name)
-    if record.kind not in (ArtifactKind.MODEL, ArtifactKind.SOURCE_MODEL) or record.media_type != bundle.MEDIA_TYPE:
-        raise InvalidArgument(f"{field} {name} is a {record.kind.value} ({record.media_type}), not a model bundle",
-                              reason="UNKNOWN_MODEL_FORMAT", field=field)
+    if record.kind not in (ArtifactKind.MODEL, ArtifactKind.SOURCE_MODEL):
+        raise InvalidArgument(f"{field} {name} is a {record.kind.value}, not a model", reason="UNKNOWN_MODEL_FORMAT",
+                              field=field)
     path = access.local_path(name)
+    if not bundle.is_bundle(path):                          # judged by content, not by the declared media type
+        raise InvalidArgument(f"{field} {name} ({record.display_name}) is not a model bundle (tar of an HF "
+                              "directory)", reason="UNKNOWN_MODEL_FORMAT", field=field)
     with _unpack_lock:
         directory = bundle.unpack(path, access.cache_dir / "models" / record.sha256)
     return ModelDir(directory), record.sha256

@@ -20,7 +20,6 @@ from clients.python import transfer
 from clients.python.spec import SpecError, SpecFile
 from edgeforge.v1 import (agent_pb2_grpc, common_pb2, coordinator_pb2, coordinator_pb2_grpc)
 
-BUNDLE_MEDIA_TYPE = "application/x-edgeforge-model+tar"
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", 8 << 20), ("grpc.max_receive_message_length", 8 << 20)]
 
 
@@ -55,7 +54,7 @@ class Client:
                 except InvalidArgument as error:
                     raise SpecError("model.path", error.message) from error
                 return self.upload(tar, common_pb2.ARTIFACT_KIND_SOURCE_MODEL, display_name=path.name,
-                                   media_type=BUNDLE_MEDIA_TYPE, progress=progress)
+                                   media_type=bundle.MEDIA_TYPE, progress=progress)
         with open(path, "rb") as f:
             magic = f.read(4)
         if magic != b"GGUF":
