@@ -85,6 +85,16 @@ def _fmt_mb(size: float) -> str:
     return f"{size / 1e6:.1f} MB"
 
 
+def _fmt_pct(value: float) -> str:
+    return f"{0.0 if abs(value) < 0.005 else value:+.2f}%"          # no "-0.00%"
+
+
+def _fmt_constraint(key: str, value: float) -> str:
+    if key == "max_size_bytes":
+        return f"{key} = {_fmt_mb(value)}"
+    return f"{key} = {value:g}"
+
+
 def _scatter(rows: list[dict]) -> str:
     """Size (x) against p90 latency (y) for measured candidates; the chosen one in green."""
     points = [r for r in rows if r["latency_ms"]["p90"] > 0]
@@ -113,7 +123,7 @@ def _scatter(rows: list[dict]) -> str:
     for r, x, y in zip(points, xs, ys):
         color = "#2f855a" if r["status"] == "chosen" else ("#c53030" if r["status"] == "rejected" else "#4a5568")
         parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="6" fill="{color}"><title>{html.escape(r["id"])}: '
-                     f'{x:.1f} MB, p90 {y:.1f} ms, Δ {r["quality"]["delta_pct"]:+.2f}%</title></circle>')
+                     f'{x:.1f} MB, p90 {y:.1f} ms, Δ {_fmt_pct(r["quality"]["delta_pct"])}</title></circle>')
         parts.append(f'<text x="{sx(x) + 8:.1f}" y="{sy(y) - 6:.1f}" font-size="11">{html.escape(r["id"])}</text>')
     parts.append("</svg>")
     return "".join(parts)
@@ -128,7 +138,7 @@ def render_html(document: dict[str, Any]) -> str:
            f"<p class='meta'>{e(document['build'])} · state <b>{e(document['state'])}</b> · objective "
            f"{e(document['objective'])} · float32 baseline {e(document['baseline']['metric'] or 'perplexity')} "
            f"<b>{document['baseline']['value']:.3f}</b> over {document['baseline']['tokens']} tokens</p>",
-           "<p class='meta'>Constraints: " + (", ".join(f"{e(k)} = {v:g}" for k, v in document["constraints"].items())
+           "<p class='meta'>Constraints: " + (", ".join(e(_fmt_constraint(k, v)) for k, v in document["constraints"].items())
                                              or "none") + "</p>"]
     for device in document["devices"]:
         attrs = device["attributes"]
@@ -137,7 +147,7 @@ def render_html(document: dict[str, Any]) -> str:
         chosen = next((r for r in device["candidates"] if r["id"] == device["chosen"]), None)
         if chosen:
             out.append(f"<div class='chosen-box'>Chosen: <b>{e(chosen['id'])}</b> — {_fmt_mb(chosen['size_bytes'])}, "
-                       f"perplexity {chosen['quality']['value']:.3f} ({chosen['quality']['delta_pct']:+.2f}% vs float32), "
+                       f"perplexity {chosen['quality']['value']:.3f} ({_fmt_pct(chosen['quality']['delta_pct'])} vs float32), "
                        f"p90 {chosen['latency_ms']['p90']:.1f} ms, generation "
                        f"{chosen['tokens_per_s']['generation']:.1f} tok/s. Best quality among candidates that meet "
                        f"every constraint.</div>")
@@ -153,7 +163,7 @@ def render_html(document: dict[str, Any]) -> str:
             why = r["rejected_by"] or ("" if r["status"] == "chosen" else r["error"])
             out.append(f"<tr class='{e(r['status'])}'><td>{e(r['id'])}</td><td><span class='tag {e(r['status'])}'>"
                        f"{e(r['status'])}</span></td><td>{_fmt_mb(r['size_bytes'])}</td>"
-                       f"<td>{r['quality']['value']:.3f}</td><td>{r['quality']['delta_pct']:+.2f}%</td>"
+                       f"<td>{r['quality']['value']:.3f}</td><td>{_fmt_pct(r['quality']['delta_pct'])}</td>"
                        f"<td>{lat['p50']:.1f}</td><td>{lat['p90']:.1f}</td><td>{lat['p99']:.1f}</td>"
                        f"<td>{r['load_ms']:.0f}</td><td>{_fmt_mb(r['peak_rss_bytes'])}</td><td>{tps['prompt']:.1f}</td>"
                        f"<td>{tps['generation']:.1f}</td><td class='why'>{e(why)}</td></tr>")
