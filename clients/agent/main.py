@@ -136,7 +136,7 @@ class Agent:
                 if isinstance(error, grpc.RpcError) and error.code() == grpc.StatusCode.NOT_FOUND:
                     self._safely(self.register)
                 else:
-                    log.warning("LeaseJob failed: %s", getattr(error, "details", lambda: error)())
+                    log.warning("LeaseJob failed: %s", error.details() if isinstance(error, grpc.RpcError) else error)
                 self.stopping.wait(2.0)
                 continue
             if response.HasField("lease"):

@@ -131,7 +131,7 @@ class BuildRunner:
 
     def make_candidate(self, candidate: PlannedCandidate, model: str, index: int,
                        count: int) -> coordinator_pb2.CandidateResult:
-        workers, spec = self.ctx.workers, self.build.spec
+        workers = self.ctx.workers
         result = coordinator_pb2.CandidateResult(id=candidate.id, format=format_to_proto(candidate.format),
                                                  recipe=struct(candidate.recipe()))
         base = 15 + 55 * index / count

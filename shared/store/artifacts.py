@@ -18,7 +18,7 @@ from typing import Iterable, Iterator
 
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange, ResourceExhausted, \
     AlreadyExists
-from shared.store.blobs import CHUNK_BYTES, BlobStore, check_sha256, fsync_dir
+from shared.store.blobs import CHUNK_BYTES, BlobStore, check_sha256
 from shared.store.database import Database
 from shared.store.records import ArtifactKind, ArtifactRecord, Lineage, UploadRecord
 
