@@ -39,30 +39,66 @@ class QuantizedTensor:
 
 
 def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
-    """(rows, columns) uint8 codes -> storage: 4-bit codes two per byte (element 2i in the low nibble)."""
-    if bits == 8:
+    """(rows, columns) uint8 codes -> storage: codes of up to 4 bits two per byte (element 2i in the
+    low nibble), wider codes one per byte."""
+    if bits > 4:
         return codes
-    if bits == 4:
-        return (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
-    raise ValueError(f"no packing for {bits}-bit codes")
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
 
 
 def unpack_codes(packed: np.ndarray, bits: int) -> np.ndarray:
-    if bits == 8:
+    if bits > 4:
         return packed
-    if bits == 4:
-        out = np.empty((packed.shape[0], packed.shape[1] * 2), dtype=np.uint8)
-        out[:, 0::2] = packed & 0x0F
-        out[:, 1::2] = packed >> 4
-        return out
-    raise ValueError(f"no packing for {bits}-bit codes")
+    out = np.empty((packed.shape[0], packed.shape[1] * 2), dtype=np.uint8)
+    out[:, 0::2] = packed & 0x0F
+    out[:, 1::2] = packed >> 4
+    return out
 
 
 def packed_shape(rows: int, columns: int, bits: int) -> tuple[int, int]:
-    return (rows, columns * bits // 8)
+    return (rows, columns // 2 if bits <= 4 else columns)
 
 
 def scales_shape(rows: int, columns: int, grid: Grid) -> tuple[int, int]:
     if grid.granularity is Granularity.PER_TENSOR:
         return (1, 1)
     return (rows, columns // grid.group_columns(columns))
+
+
+@dataclasses.dataclass
+class GgufTensor:
+    """A weight in one of llama.cpp's block types: the exact bytes a GGUF file stores, row by row."""
+    grid: Grid
+    shape: tuple[int, int]       # (rows, columns) of the weight
+    data: np.ndarray             # (rows, columns / block · bytes_per_block) uint8
+
+    def dequantize(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """float32 rows [start, stop), decoded by gguf-py (bit-identical to llama.cpp's dequantizers)."""
+        import gguf
+        stop = self.shape[0] if stop is None else stop
+        qtype = getattr(gguf.GGMLQuantizationType, self.grid.gguf_type.upper())
+        return gguf.quants.dequantize(self.data[start:stop], qtype).astype(np.float32, copy=False)
+
+    def rows(self, order: np.ndarray) -> "GgufTensor":
+        return GgufTensor(self.grid, self.shape, self.data[order])
+
+
+def gguf_row_bytes(grid: Grid, columns: int) -> int:
+    from shared.quant.grids import GGUF_BLOCKS
+    block, nbytes = GGUF_BLOCKS[grid.gguf_type]
+    return columns // block * nbytes
+
+
+def assemble(grid: Grid, codec, fits: list, codes: np.ndarray) -> "QuantizedTensor | GgufTensor":
+    """Per-block fits (in column order) and the (rows, columns) codes -> the stored tensor."""
+    rows, columns = codes.shape
+    if grid.gguf_type:
+        data = np.concatenate([codec.encode(fit, codes[:, i * codec.block:(i + 1) * codec.block])
+                               for i, fit in enumerate(fits)], axis=1)
+        return GgufTensor(grid, (rows, columns), np.ascontiguousarray(data))
+    if grid.granularity is Granularity.PER_TENSOR:
+        return QuantizedTensor(grid, codes, fits[0].stored["scale"][:1, :1].copy(),
+                               None if grid.symmetric else fits[0].stored["zero"][:1, :1].copy())
+    scales = np.concatenate([f.stored["scale"] for f in fits], axis=1)
+    zeros = None if grid.symmetric else np.concatenate([f.stored["zero"] for f in fits], axis=1)
+    return QuantizedTensor(grid, codes, scales, zeros)

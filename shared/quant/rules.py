@@ -4,25 +4,56 @@ GGUF recipes follow llama.cpp's per-tensor type rules (`llama_tensor_get_type` i
 so our files carry the same types as `llama-quantize` would write:
 - 1-D tensors (norms) stay float32.
 - The output projection — `output.weight`, or `token_embd.weight` when embeddings are tied — gets
-  Q6_K for sub-8-bit types, but Q8_0 when its row length is not a multiple of the type's block, and
-  Q8_0 again when Q6_K's 256-wide super-blocks do not divide the row (llama.cpp's fallback).
-  K-quants arrive later (issue 4); until then a Q6_K choice is written as Q8_0 and logged.
-- Every other 2-D weight gets the recipe's type.
-Generic integer grids (ONNX/TFLite candidates) quantize only the transformer blocks' linear weights;
+  Q6_K for every type below 8 bits (Q8_0 stays Q8_0).
+- Every other 2-D weight gets the recipe's type; the mixes (Q4_K_M, Q5_K_M) upgrade some tensors
+  (`mix_type`).
+- A tensor whose row length the chosen type's blocks do not divide falls back the way llama.cpp
+  does (`tensor_type_fallback` in llama-quant.cpp): Q4_K → Q5_0, Q5_K → Q5_1, Q6_K → Q8_0,
+  Q2_K/Q3_K → Q4_0. (Older llama.cpp sent Q2_K/Q3_K to IQ4_NL; the bundled one writes Q4_0, and
+  tests/shared/quant/test_kquants.py checks every fallback against it.)
+- The mixes are checked tensor by tensor against llama.cpp's LLAMA_FTYPE_MOSTLY_Q4_K_M / Q5_K_M
+  on SmolLM2. The plain K types are "pure": every weight gets the type (llama.cpp's Q2_K, Q3_K_S
+  and Q4_K_S ftypes would upgrade some attn_v/ffn_down tensors; `llama-quantize --pure` does not),
+  except the output projection, which gets Q6_K as in every llama.cpp mixture.
+Generic integer grids (ONNX candidates) quantize only the transformer blocks' linear weights;
 embeddings, the LM head and norms stay float32.
 """
 from __future__ import annotations
 
-import logging
+import re
 
 from shared.models.llama_config import LlamaConfig, is_linear_weight
-from shared.quant.grids import GGUF_GRIDS, Grid, QuantizationConfig
+from shared.quant.grids import GGUF_BLOCKS, GGUF_GRIDS, Grid, QuantizationConfig
 
-log = logging.getLogger(__name__)
+FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0", "q2_k": "q4_0", "q3_k": "q4_0"}
 
 
 def is_output_projection(name: str, config: LlamaConfig) -> bool:
     return name == "lm_head.weight" or (config.tie_word_embeddings and name == "model.embed_tokens.weight")
+
+
+def fits(type_name: str, columns: int) -> str:
+    """`type_name`, or llama.cpp's fallback when its blocks do not divide the row."""
+    while columns % GGUF_BLOCKS[type_name][0]:
+        type_name = FALLBACK[type_name]
+    return type_name
+
+
+def _layer(name: str) -> int | None:
+    match = re.search(r"\.layers\.(\d+)\.", name)
+    return int(match.group(1)) if match else None
+
+
+def mix_type(name: str, config: LlamaConfig, mix: str) -> str:
+    """llama.cpp's Q4_K_M / Q5_K_M rules for one tensor (before the row-length fallback):
+    attn_v and ffn_down get Q6_K in the first and last eighth of the layers and in every third
+    layer between ("use_more_bits"); every other weight gets the base type."""
+    base = mix[:4]
+    layer, n = _layer(name), config.num_hidden_layers
+    if layer is not None and (name.endswith("self_attn.v_proj.weight") or name.endswith("mlp.down_proj.weight")):
+        if layer < n // 8 or layer >= 7 * n // 8 or (layer - n // 8) % 3 == 2:
+            return "q6_k"
+    return base
 
 
 def tensor_grid(name: str, shape: tuple[int, ...], config: LlamaConfig, recipe: QuantizationConfig) -> Grid | None:
@@ -35,8 +66,10 @@ def tensor_grid(name: str, shape: tuple[int, ...], config: LlamaConfig, recipe: 
     if not recipe.gguf_type:
         return grid if is_linear_weight(name) else None
     columns = shape[1]
-    if is_output_projection(name, config) and recipe.gguf_type != "q8_0":
-        if columns % grid.group_size == 0 and columns % 256 == 0:
-            log.warning("llama.cpp would store %s as q6_k; K-quants are not implemented yet, using q8_0", name)
-        return GGUF_GRIDS["q8_0"]
-    return grid
+    if is_output_projection(name, config):
+        type_name = "q8_0" if recipe.gguf_type == "q8_0" else "q6_k"
+    elif recipe.gguf_type.endswith("_m"):
+        type_name = mix_type(name, config, recipe.gguf_type)
+    else:
+        type_name = recipe.gguf_type
+    return GGUF_GRIDS[fits(type_name, columns)]

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from services.compressor.quant import reference, rtn
-from services.exporter.formats.gguf import pack_blocks
 from shared.errors import InvalidArgument
 from shared.quant.grids import GGUF_GRIDS, Granularity, Grid, Method, QuantizationConfig, ScaleRule
-from shared.quant.qtensor import QuantizedTensor, pack_codes, packed_shape, unpack_codes
+from shared.quant.codecs import codec_for, roundf
+from shared.quant.qtensor import GgufTensor, QuantizedTensor, pack_codes, packed_shape, unpack_codes
 
 MINMAX_GRIDS = [
     Grid(8, Granularity.PER_TENSOR, 0, True),
@@ -19,7 +19,8 @@ MINMAX_GRIDS = [
     Grid(8, Granularity.PER_CHANNEL, 0, False),
     *[Grid(4, Granularity.PER_GROUP, g, sym) for g in (32, 64, 128) for sym in (True, False)],
 ]
-ALL_GRIDS = MINMAX_GRIDS + list(GGUF_GRIDS.values())
+LEGACY_GGUF = [GGUF_GRIDS[t] for t in ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")]
+ALL_GRIDS = MINMAX_GRIDS
 
 
 def _weights(seed: int, rows: int = 8, columns: int = 256) -> np.ndarray:
@@ -55,7 +56,7 @@ def test_fast_quantize_matches_reference_exactly(grid, seed, ties):
     assert fast.scales.shape == scales.shape
 
 
-@pytest.mark.parametrize("grid", [MINMAX_GRIDS[3], MINMAX_GRIDS[5], GGUF_GRIDS["q4_0"]], ids=lambda g: g.name)
+@pytest.mark.parametrize("grid", [MINMAX_GRIDS[3], MINMAX_GRIDS[5]], ids=lambda g: g.name)
 def test_row_chunking_does_not_change_results(grid):
     """More rows than ROW_CHUNK: each row's result equals quantizing that row on its own."""
     W = _weights(7, rows=rtn.ROW_CHUNK + 5, columns=64)
@@ -77,30 +78,56 @@ def test_quantize_rejects_non_2d_and_indivisible_groups():
 
 def test_roundf_rounds_halves_away_from_zero():
     x = np.array([0.5, 1.5, 2.5, -0.5, -2.5, 0.49999997, -1.4], dtype=np.float32)
-    np.testing.assert_array_equal(rtn.roundf(x), [1, 2, 3, -1, -3, 0, -1])
+    np.testing.assert_array_equal(roundf(x), [1, 2, 3, -1, -3, 0, -1])
 
 
 # ------------------------------------------------------------------ bit-identical to gguf-py
-@pytest.mark.parametrize("block_type", ["q8_0", "q4_0"])
+@pytest.mark.parametrize("block_type", ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"])
 @pytest.mark.parametrize("seed", [0, 3])
 def test_ggml_grids_bit_identical_to_gguf_py(block_type, seed):
+    """gguf-py's numpy quantizers are bit-identical to llama.cpp's quantize_row_*_ref."""
     W = _weights(seed, rows=6, columns=128)
     W[4, 32:64] = np.linspace(-1.0, 1.0, 32, dtype=np.float32)     # exact ties at .5 after scaling
     W[5, 64:96] = -W[5, 64:96].max() * 2                              # max|v| repeated, negative
-    ours, ours_type = pack_blocks(rtn.quantize(W, GGUF_GRIDS[block_type]))
+    ours = rtn.quantize(W, GGUF_GRIDS[block_type])
     theirs = gguf.quants.quantize(W, getattr(gguf.GGMLQuantizationType, block_type.upper()))
-    assert ours_type == block_type
-    assert ours.dtype == np.uint8 and ours.shape == theirs.shape
-    assert ours.tobytes() == theirs.tobytes()
+    assert isinstance(ours, GgufTensor) and ours.grid.gguf_type == block_type
+    assert ours.data.dtype == np.uint8 and ours.data.shape == theirs.shape
+    assert ours.data.tobytes() == theirs.tobytes()
+
+
+@pytest.mark.parametrize("grid", LEGACY_GGUF, ids=lambda g: g.name)
+def test_legacy_fit_encodes_what_it_dequantizes(grid):
+    """A fit's (scale, offset) are computed from the stored float16 values: codes chosen against the fit
+    decode, through gguf-py (= llama.cpp), to exactly codec.dequantize — what GPTQ relies on."""
+    W = _weights(4, rows=5, columns=64).reshape(-1, 32)
+    codec = codec_for(grid, 64)
+    fit = codec.fit(W)
+    codes = codec.nearest(W, fit)
+    decoded = gguf.quants.dequantize(codec.encode(fit, codes), getattr(gguf.GGMLQuantizationType,
+                                                                       grid.gguf_type.upper()))
+    np.testing.assert_array_equal(decoded, codec.dequantize(codes, fit))
+
+
+@pytest.mark.parametrize("grid", LEGACY_GGUF + MINMAX_GRIDS[4:], ids=lambda g: g.name)
+def test_importance_weighting_lowers_weighted_error(grid):
+    rng = np.random.default_rng(9)
+    W = rng.standard_normal((64, 128)).astype(np.float32)
+    importance = rng.gamma(0.5, 1.0, 128).astype(np.float32)          # a few channels dominate
+    plain = rtn.quantize(W, grid).dequantize()
+    weighted = rtn.quantize(W, grid, importance).dequantize()
+    error = lambda Q: float((((W - Q) ** 2) * importance).sum())       # noqa: E731
+    assert error(weighted) < 0.97 * error(plain)
 
 
 def test_q4_0_uses_signed_value_of_largest_magnitude():
     block = np.zeros((1, 32), np.float32)
     block[0, 3], block[0, 9] = 0.5, -0.8                               # largest magnitude is negative
-    q = rtn.quantize(block, GGUF_GRIDS["q4_0"])
-    assert float(q.scales[0, 0]) == pytest.approx(0.1, abs=1e-4)        # d = -0.8 / -8, as float16
-    assert q.codes[0, 9] == 0 and q.codes[0, 3] == 13 and q.codes[0, 0] == 8
-    np.testing.assert_allclose(q.dequantize()[0, [3, 9]], [0.5, -0.8], atol=1e-3)
+    fit, codes = codec_for(GGUF_GRIDS["q4_0"], 32).rtn(block)
+    assert float(fit.stored["d"][0]) == pytest.approx(0.1, abs=1e-4)    # d = -0.8 / -8, as float16
+    assert codes[0, 9] == 0 and codes[0, 3] == 13 and codes[0, 0] == 8
+    np.testing.assert_allclose(rtn.quantize(block, GGUF_GRIDS["q4_0"]).dequantize()[0, [3, 9]], [0.5, -0.8],
+                               atol=1e-3)
 
 
 # ------------------------------------------------------------------ the seed's worked examples
@@ -199,10 +226,12 @@ def test_dequantize_all_zero_tensor_is_zero():
         q = rtn.quantize(W, grid)
         assert np.all(q.scales == 0)
         np.testing.assert_array_equal(q.dequantize(), W)
+    for grid in LEGACY_GGUF:
+        np.testing.assert_array_equal(rtn.quantize(W, grid).dequantize(), W)
 
 
 # ------------------------------------------------------------------ packing
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
 def test_pack_unpack_round_trip(bits):
     codes = np.random.default_rng(bits).integers(0, 1 << bits, size=(5, 64), dtype=np.uint8)
     packed = pack_codes(codes, bits)
@@ -213,10 +242,7 @@ def test_pack_unpack_round_trip(bits):
 def test_pack_4bit_nibble_order():
     codes = np.array([[0x1, 0xA, 0xF, 0x0]], dtype=np.uint8)
     assert pack_codes(codes, 4).tolist() == [[0xA1, 0x0F]]             # element 2i in the low nibble
-    with pytest.raises(ValueError):
-        pack_codes(codes, 2)
-    with pytest.raises(ValueError):
-        unpack_codes(codes, 3)
+    assert pack_codes(codes & 3, 2).tolist() == [[0x21, 0x03]]         # up to 4 bits share the nibble layout
 
 
 def test_quantized_tensor_round_trips_through_packing():
@@ -229,13 +255,17 @@ def test_quantized_tensor_round_trips_through_packing():
 @pytest.mark.parametrize("kwargs, field", [
     (dict(bits=0, granularity=Granularity.PER_CHANNEL), "quantization.bits"),
     (dict(bits=9, granularity=Granularity.PER_CHANNEL), "quantization.bits"),
-    (dict(bits=4, granularity=Granularity.PER_GROUP, group_size=16), "quantization.group_size"),
-    (dict(bits=4, granularity=Granularity.PER_GROUP, group_size=100), "quantization.group_size"),
-    (dict(bits=4, granularity=Granularity.PER_GROUP, group_size=256), "quantization.group_size"),
+    (dict(bits=1, granularity=Granularity.PER_CHANNEL), "quantization.bits"),
+    (dict(bits=4, granularity=Granularity.PER_GROUP, group_size=1), "quantization.group_size"),
+    (dict(bits=4, granularity=Granularity.PER_GROUP, group_size=-32), "quantization.group_size"),
+    (dict(bits=4, granularity=Granularity.PER_CHANNEL, scale=ScaleRule.PERCENTILE, percentile=40.0),
+     "quantization.percentile"),
+    (dict(bits=4, granularity=Granularity.PER_CHANNEL, scale=ScaleRule.GGML), "quantization.scale"),
     (dict(bits=4, granularity=Granularity.PER_GROUP), "quantization.group_size"),
     (dict(bits=8, granularity=Granularity.PER_CHANNEL, group_size=32), "quantization.group_size"),
     (dict(bits=8), "quantization.granularity"),
-    (dict(gguf_type="q5_k"), "quantization.type"),
+    (dict(gguf_type="q7_0"), "quantization.type"),
+    (dict(gguf_type="q4_k", scale=ScaleRule.MSE), "quantization.type"),
     (dict(gguf_type="q4_0", bits=4), "quantization.type"),
     (dict(gguf_type="f16"), "quantization.method"),                  # method defaults to rtn
     (dict(gguf_type="f32", method=Method.RTN), "quantization.method"),
