@@ -3,9 +3,15 @@
 A bundle holds `config.json`, one or more `*.safetensors`, and tokenizer files. The tar is
 deterministic (sorted names, zero mtimes/owners) so the same directory always has the same digest.
 Unpacking refuses anything but plain files with simple names: no paths, links or devices.
+
+Tensors are read with plain positioned reads (`read_rows`), never through a long-lived memory map:
+the pages of a mapped file count in the process's RSS while they stay mapped, so mapping a 30 GB
+checkpoint would make RSS climb with the model. A read() copies only the requested rows; the page
+cache holds the rest outside the process. `ModelDir.row_chunks` walks a tensor in bounded chunks.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -17,7 +23,6 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from safetensors import safe_open
 
 from shared.errors import InvalidArgument
 from shared.models.llama_config import LlamaConfig, load_config
@@ -26,6 +31,11 @@ MEDIA_TYPE = "application/x-edgeforge-model+tar"
 _MEMBER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _ALLOWED_SUFFIXES = (".json", ".safetensors", ".txt", ".model", ".jinja")
 MAX_HEADER_BYTES = 100 << 20                  # safetensors JSON headers above this are refused
+CHUNK_BYTES = 64 << 20                        # float32 bytes of one row chunk (row_chunks' default)
+_NUMPY = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F8_E4M3": np.uint8,
+          "F8_E5M2": np.uint8, "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U64": np.uint64,
+          "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_}   # BF16, F8: their raw bits
+_ITEMSIZE = {name: np.dtype(dtype).itemsize for name, dtype in _NUMPY.items()}
 
 
 def pack(directory: Path, out: Path) -> None:
@@ -110,7 +120,59 @@ def read_safetensors_header(path: Path) -> dict:
         if not (0 <= begin <= end <= data_bytes):
             raise InvalidArgument(f"{path.name}: tensor {name[:100]!r} data_offsets {[begin, end]} fall outside "
                                   f"the {data_bytes} data bytes", reason="MALFORMED_MODEL", field="model")
+        shape, dtype = entry.get("shape"), entry.get("dtype")
+        if not (isinstance(shape, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                                 for v in shape)) or dtype not in _ITEMSIZE:
+            raise InvalidArgument(f"{path.name}: tensor {name[:100]!r} has shape {shape!r} and dtype {dtype!r}; "
+                                  f"expected a list of sizes and one of {sorted(_ITEMSIZE)}",
+                                  reason="MALFORMED_MODEL", field="model")
+        if int(np.prod(shape, dtype=np.int64)) * _ITEMSIZE[dtype] != end - begin:
+            raise InvalidArgument(f"{path.name}: tensor {name[:100]!r} is {dtype}{shape} but holds {end - begin} "
+                                  "bytes", reason="MALFORMED_MODEL", field="model")
     return header
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredTensor:
+    """Where one tensor's bytes lie in a safetensors file."""
+    path: Path
+    offset: int                    # absolute file offset of the first byte
+    shape: tuple[int, ...]
+    dtype: str                     # safetensors dtype: F32, F16, BF16, U8, …
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one slice along the first dimension (one element for a 1-D tensor)."""
+        return int(np.prod(self.shape[1:], dtype=np.int64)) * _ITEMSIZE[self.dtype]
+
+
+def stored_tensors(path: Path) -> dict[str, StoredTensor]:
+    """Every tensor of one safetensors file (header checked), by name, in header order."""
+    header = read_safetensors_header(path)
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+    return {name: StoredTensor(path, 8 + length + entry["data_offsets"][0], tuple(entry["shape"]), entry["dtype"])
+            for name, entry in header.items() if name != "__metadata__"}
+
+
+def read_rows(tensor: StoredTensor, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of `tensor` in its stored dtype (BF16 as its uint16 bits), read with one
+    positioned read into a fresh array: nothing stays mapped, so RSS grows by exactly these rows."""
+    rows = tensor.shape[0] if tensor.shape else 1
+    if not 0 <= start <= stop <= rows:
+        raise InvalidArgument(f"rows [{start}, {stop}) fall outside a tensor of {rows} rows", field="rows")
+    nbytes = (stop - start) * tensor.row_bytes
+    out = np.empty(nbytes, dtype=np.uint8)
+    view, done = memoryview(out), 0
+    with open(tensor.path, "rb", buffering=0) as f:
+        f.seek(tensor.offset + start * tensor.row_bytes)
+        while done < nbytes:
+            got = f.readinto(view[done:])
+            if not got:
+                raise InvalidArgument(f"{tensor.path.name} ends inside a tensor ({done} of {nbytes} bytes read)",
+                                      reason="MALFORMED_MODEL", field="model")
+            done += got
+    return out.view(_NUMPY[tensor.dtype]).reshape((stop - start, *tensor.shape[1:]) if tensor.shape else ())
 
 
 class ModelDir:
@@ -119,18 +181,14 @@ class ModelDir:
     def __init__(self, path: Path):
         self.path = path
         self.config: LlamaConfig = load_config(path / "config.json")
-        self._index: dict[str, Path] = {}
+        self._index: dict[str, StoredTensor] = {}
         shards = sorted(path.glob("*.safetensors"))
         if not shards:
             raise InvalidArgument(f"{path.name} has no *.safetensors weights", reason="UNKNOWN_MODEL_FORMAT",
                                   field="model")
-        self._dtypes: dict[str, str] = {}
         for shard in shards:
-            for name, entry in read_safetensors_header(shard).items():
-                if name != "__metadata__":
-                    self._index[name] = shard
-                    self._dtypes[name] = entry.get("dtype", "")
-        unsupported = sorted({d for d in self._dtypes.values() if d not in ("F32", "F16", "BF16")})
+            self._index.update(stored_tensors(shard))
+        unsupported = sorted({t.dtype for t in self._index.values() if t.dtype not in ("F32", "F16", "BF16")})
         if unsupported:
             raise InvalidArgument(f"model tensors use dtype {unsupported[0]}; only F32, F16 and BF16 are supported",
                                   reason="UNSUPPORTED_OP", field="model")
@@ -152,28 +210,49 @@ class ModelDir:
         """Names in the config's canonical order (what a streaming consumer iterates)."""
         return list(self.config.tensor_shapes())
 
-    def array(self, name: str) -> np.ndarray:
-        """One tensor as a float32 numpy array (HF name), read from its memory-mapped shard.
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._stored(name).shape
 
-        numpy handles F32/F16 directly; BF16 goes through torch (imported only then)."""
-        shard = self._index.get(name)
-        if shard is None:
-            raise InvalidArgument(f"model has no tensor {name}", reason="MALFORMED_MODEL", field="model")
-        if self._dtypes[name] == "BF16":
-            import torch
-            with safe_open(str(shard), framework="pt") as f:
-                array = f.get_tensor(name).to(torch.float32).numpy()
+    def array(self, name: str) -> np.ndarray:
+        """One whole tensor as a float32 numpy array (HF name). Big tensors: use row_chunks."""
+        stored = self._stored(name)
+        return self.rows(name, 0, stored.shape[0] if stored.shape else 1)
+
+    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of a tensor as float32, shape (stop − start, *shape[1:]); for a 1-D
+        tensor, elements [start, stop). Memory: those rows only (plus their stored-dtype copy)."""
+        stored = self._stored(name)
+        raw = read_rows(stored, start, stop)
+        if stored.dtype == "BF16":                       # bfloat16 is the high half of a float32
+            array = (raw.astype(np.uint32) << 16).view(np.float32)
         else:
-            with safe_open(str(shard), framework="np") as f:
-                array = f.get_tensor(name)
-        expected = self.config.tensor_shapes().get(name)
-        if expected is not None and tuple(array.shape) != expected:
-            raise InvalidArgument(f"tensor {name} has shape {tuple(array.shape)}, config.json implies {expected}",
-                                  reason="MALFORMED_MODEL", field="model")
-        array = array.astype(np.float32, copy=False)
+            array = raw.astype(np.float32, copy=False)
         if not np.isfinite(array).all():
             raise InvalidArgument(f"tensor {name} contains NaN or Inf", reason="MALFORMED_MODEL", field="model")
         return array
+
+    def row_chunks(self, name: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, float32 rows) over the whole tensor, each chunk at most `chunk_bytes` of
+        float32 (at least one row)."""
+        for start, stop in self.row_ranges(name, chunk_bytes):
+            yield start, self.rows(name, start, stop)
+
+    def row_ranges(self, name: str, chunk_bytes: int = CHUNK_BYTES) -> list[tuple[int, int]]:
+        """[start, stop) row ranges covering the tensor, each at most `chunk_bytes` of float32."""
+        shape = self._stored(name).shape
+        rows = shape[0] if shape else 1
+        step = max(1, chunk_bytes // max(1, 4 * int(np.prod(shape[1:], dtype=np.int64))))
+        return [(start, min(rows, start + step)) for start in range(0, rows, step)]
+
+    def _stored(self, name: str) -> StoredTensor:
+        stored = self._index.get(name)
+        if stored is None:
+            raise InvalidArgument(f"model has no tensor {name}", reason="MALFORMED_MODEL", field="model")
+        expected = self.config.tensor_shapes().get(name)
+        if expected is not None and stored.shape != expected:
+            raise InvalidArgument(f"tensor {name} has shape {stored.shape}, config.json implies {expected}",
+                                  reason="MALFORMED_MODEL", field="model")
+        return stored
 
     def tensor(self, name: str):
         """One tensor as a float32 torch.Tensor (for the torch reference)."""

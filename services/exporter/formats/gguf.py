@@ -1,17 +1,16 @@
 """GGUF export, written with gguf-py's GGUFWriter in streaming mode (header and tensor infos first,
-then one tensor at a time, so peak memory is one tensor).
+then one tensor at a time, each read and written in row chunks, so peak memory is one chunk).
 
-Quantized tensors are packed from our codes — the exporter never re-quantizes:
-- Q8_0 block (34 bytes): float16 d, then 32 int8 codes.
-- Q4_0 block (18 bytes): float16 d, then 16 bytes; byte j holds code j (low nibble) and code j+16
-  (high nibble). Codes are already offset by 8, exactly as llama.cpp stores them.
+Quantized tensors arrive as llama.cpp block bytes (`GgufTensor`, made by the compressor's codecs for
+every block type Q8_0 … Q6_K) and are written as they are — the exporter never re-quantizes.
 Q and K rows are permuted into llama.cpp's rotary order; this commutes with quantization because
-every grid here groups along the input dimension.
+every block runs along the input dimension (a row's blocks move with the row).
 """
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -19,47 +18,55 @@ from services.exporter.base import ExportedFile, ExportFormat, ExportInput
 from shared.errors import FailedPrecondition
 from shared.models.gguf_import import hf_to_gguf_names, permute_rows
 from shared.models.tokenizer import gguf_vocabulary
-from shared.quant.grids import Granularity, Grid
-from shared.quant.qtensor import QuantizedTensor
+from shared.quant.grids import Grid
+from shared.quant.qtensor import GgufTensor, gguf_row_bytes
 
 log = logging.getLogger(__name__)
 MEDIA_TYPE = "application/x-gguf"
+CHUNK_BYTES = 64 << 20              # bytes of one tensor chunk in flight (each tensor is written chunk by chunk)
 
 
-BLOCK_BYTES = {"q8_0": 34, "q4_0": 18}          # per 32 weights
+class _StreamedTensor:
+    """What GGUFWriter.write_tensor_data needs of a tensor — `nbytes` and `tofile` — with the bytes
+    coming from row chunks, so a tensor of any size passes through one chunk at a time. The bytes
+    and the padding around them are the ones the writer would write for the whole array."""
+
+    def __init__(self, name: str, nbytes: int, chunks: Iterator[np.ndarray]):
+        self.name, self.nbytes, self._chunks = name, nbytes, chunks
+
+    def tofile(self, fout) -> None:
+        written = 0
+        for chunk in self._chunks:
+            chunk = np.ascontiguousarray(chunk)
+            if written + chunk.nbytes > self.nbytes:
+                raise FailedPrecondition(f"{self.name}: produced more than the {self.nbytes} bytes planned")
+            fout.write(chunk.data)
+            written += chunk.nbytes
+        if written != self.nbytes:
+            raise FailedPrecondition(f"{self.name}: produced {written} bytes, planned {self.nbytes}")
 
 
 def gguf_block_type(grid: Grid) -> str:
-    """The GGUF type whose blocks hold this grid exactly, or FailedPrecondition."""
-    if grid.symmetric and grid.granularity is Granularity.PER_GROUP and grid.group_size == 32:
-        if grid.bits == 8:
-            return "q8_0"
-        if grid.bits == 4:
-            return "q4_0"
-    raise FailedPrecondition(f"grid {grid.name} has no GGUF block type at this version (q8_0 and q4_0 need "
-                             "symmetric groups of 32)", field="quantization")
+    """The GGUF type of a grid, or FailedPrecondition for generic integer grids."""
+    if grid.gguf_type:
+        return grid.gguf_type
+    raise FailedPrecondition(f"grid {grid.name} is not a llama.cpp block type; GGUF candidates name one "
+                             "(quantization.type: q4_0, q4_k, …)", field="quantization")
 
 
-def pack_blocks(tensor: QuantizedTensor) -> tuple[np.ndarray, str]:
-    """Our codes and float16 scales -> GGUF block bytes (rows, bytes_per_row)."""
-    block_type = gguf_block_type(tensor.grid)
-    rows, columns = tensor.shape
-    blocks = columns // 32
-    d = tensor.scales.astype(np.float16).reshape(rows, blocks, 1).view(np.uint8)            # (rows, nb, 2)
-    codes = tensor.codes.reshape(rows, blocks, 32)
-    if block_type == "q8_0":
-        qs = (codes.astype(np.int16) - 128).astype(np.int8).view(np.uint8)                  # (rows, nb, 32)
-    else:
-        qs = (codes[..., :16] | (codes[..., 16:] << 4)).astype(np.uint8)                    # (rows, nb, 16)
-    return np.concatenate([d, qs], axis=-1).reshape(rows, -1), block_type
-
-
-def _file_type(types: set[str]) -> int:
+def _file_type(types: set[str], recipe_type: str = "") -> int:
     import gguf
-    for name, value in (("q4_0", gguf.LlamaFileType.MOSTLY_Q4_0), ("q8_0", gguf.LlamaFileType.MOSTLY_Q8_0),
-                        ("f16", gguf.LlamaFileType.MOSTLY_F16)):
+    """The file type llama.cpp reports: the recipe's type when known, else the lowest-bit type present."""
+    def lookup(name: str):
+        for key in (f"MOSTLY_{name.upper()}", f"MOSTLY_{name.upper()}_S"):    # q4_k alone is llama.cpp's Q4_K_S
+            if hasattr(gguf.LlamaFileType, key):
+                return int(getattr(gguf.LlamaFileType, key))
+        return None
+    if recipe_type and lookup(recipe_type) is not None:
+        return lookup(recipe_type)
+    for name in ("q2_k", "q3_k", "q4_0", "q4_1", "q4_k", "q5_0", "q5_1", "q5_k", "q6_k", "q8_0", "f16"):
         if name in types:
-            return int(value)
+            return lookup(name)
     return int(gguf.LlamaFileType.ALL_F32)
 
 
@@ -72,30 +79,40 @@ class GgufExporter:
         names = hf_to_gguf_names(config)
         shapes = config.tensor_shapes()
 
-        def encoded(hf_name: str) -> tuple[np.ndarray, int, str]:
-            """-> (array to write, GGML type, our type name)."""
-            value = source.tensor(hf_name)
+        def chunks(hf_name: str, type_name: str) -> Iterator[np.ndarray]:
+            """The tensor's bytes as written, in row chunks of at most CHUNK_BYTES read from the
+            compressed file (block bytes) or the float model. Q/K chunks hold whole heads, so the
+            rotary permutation stays inside a chunk."""
             heads = {"self_attn.q_proj": config.num_attention_heads,
                      "self_attn.k_proj": config.num_key_value_heads}
             head_count = next((h for key, h in heads.items() if f".{key}." in hf_name), None)
-            if isinstance(value, QuantizedTensor):
+            grid, shape = source.grid(hf_name), shapes[hf_name]
+            rows = shape[0]
+            row_bytes = gguf_row_bytes(grid, shape[1]) if grid is not None else 4 * int(np.prod(shape[1:]))
+            step = max(1, CHUNK_BYTES // max(1, row_bytes))
+            head_rows = rows // head_count if head_count else 1
+            step = max(1, step // head_rows) * head_rows
+            for start in range(0, rows, step):
+                stop = min(rows, start + step)
+                order = slice(None)
                 if head_count:
-                    order = permute_rows(np.arange(value.shape[0]), head_count)
-                    value = QuantizedTensor(value.grid, value.codes[order], value.scales[order], None)
-                data, block_type = pack_blocks(value)
-                return data, int(getattr(gguf.GGMLQuantizationType, block_type.upper())), block_type
-            if head_count:
-                value = permute_rows(value, head_count)
-            if value.ndim == 2 and source.float_type == "f16":
-                return value.astype(np.float16), int(gguf.GGMLQuantizationType.F16), "f16"
-            return value.astype(np.float32), int(gguf.GGMLQuantizationType.F32), "f32"
+                    order = permute_rows(np.arange(stop - start), (stop - start) // head_rows)
+                if grid is None:
+                    value = source.model.rows(hf_name, start, stop)[order]
+                    yield value.astype(np.float16 if type_name == "f16" else np.float32)
+                    continue
+                value = source.compressed.read_rows(hf_name, start, stop)
+                if not isinstance(value, GgufTensor) or value.grid.gguf_type != type_name:
+                    raise FailedPrecondition(f"{hf_name}: planned {type_name}, the compressed file holds "
+                                             f"{value.grid.name}")
+                yield value.data[order]
 
         def planned(hf_name: str) -> tuple[tuple[int, ...], np.dtype, str]:
             """(stored shape, numpy dtype, type name) without reading the tensor."""
             shape, grid = shapes[hf_name], source.grid(hf_name)
             if grid is not None:
                 block_type = gguf_block_type(grid)
-                return (shape[0], shape[1] // 32 * BLOCK_BYTES[block_type]), np.dtype(np.uint8), block_type
+                return (shape[0], gguf_row_bytes(grid, shape[1])), np.dtype(np.uint8), block_type
             if len(shape) == 2 and source.float_type == "f16":
                 return shape, np.dtype(np.float16), "f16"
             return shape, np.dtype(np.float32), "f32"
@@ -109,19 +126,15 @@ class GgufExporter:
             infos.append((hf_name, shape, dtype, nbytes, ggml_type, type_name))
         types = {info[5] for info in infos}
         writer = gguf.GGUFWriter(out_path, "llama")
-        self._metadata(writer, source, _file_type(types))
+        self._metadata(writer, source, _file_type(types, source.recipe.get("type", "")))
         for hf_name, shape, dtype, nbytes, ggml_type, type_name in infos:
             raw = gguf.GGMLQuantizationType(ggml_type) if type_name not in ("f32", "f16") else None
             writer.add_tensor_info(names[hf_name], shape, dtype, nbytes, raw_dtype=raw)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for hf_name, shape, _, _, _, type_name in infos:     # then the data, one tensor at a time
-            data, _, written_type = encoded(hf_name)
-            if written_type != type_name or tuple(data.shape) != tuple(shape):
-                raise FailedPrecondition(f"{hf_name}: planned {type_name}{list(shape)}, produced "
-                                         f"{written_type}{list(data.shape)}")
-            writer.write_tensor_data(data)
+        for hf_name, shape, _, nbytes, _, type_name in infos:     # then the data, one tensor at a time
+            writer.write_tensor_data(_StreamedTensor(hf_name, nbytes, chunks(hf_name, type_name)))
         writer.close()
         counts = {t: sum(1 for i in infos if i[5] == t) for t in sorted(types)}
         log.info("wrote %s with tensor types %s", out_path.name, counts)
