@@ -26,19 +26,19 @@ _sym_db = _symbol_database.Default()
 from edgeforge.v1 import common_pb2 as edgeforge_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x65\x64geforge/v1/calibrator.proto\x12\x0c\x65\x64geforge.v1\x1a\x19\x65\x64geforge/v1/common.proto\"\\\n\x10\x43\x61librateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x02 \x01(\t\x12\x0f\n\x07samples\x18\x03 \x01(\x05\x12\x17\n\x0fsequence_length\x18\x04 \x01(\x05\"U\n\x0bLinearStats\x12\x0e\n\x06weight\x18\x01 \x01(\t\x12\x13\n\x0bin_features\x18\x02 \x01(\x05\x12\x0f\n\x07\x61\x62s_max\x18\x03 \x01(\x01\x12\x10\n\x08mean_abs\x18\x04 \x01(\x01\"u\n\x11\x43\x61librateResponse\x12%\n\x05stats\x18\x01 \x01(\x0b\x32\x16.edgeforge.v1.Artifact\x12\x0e\n\x06tokens\x18\x02 \x01(\x03\x12)\n\x06layers\x18\x03 \x03(\x0b\x32\x19.edgeforge.v1.LinearStats2Z\n\nCalibrator\x12L\n\tCalibrate\x12\x1e.edgeforge.v1.CalibrateRequest\x1a\x1f.edgeforge.v1.CalibrateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x65\x64geforge/v1/calibrator.proto\x12\x0c\x65\x64geforge.v1\x1a\x19\x65\x64geforge/v1/common.proto\"\x80\x01\n\x10\x43\x61librateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x02 \x01(\t\x12\x0f\n\x07samples\x18\x03 \x01(\x05\x12\x17\n\x0fsequence_length\x18\x04 \x01(\x05\x12\x15\n\x08hessians\x18\x05 \x01(\x08H\x00\x88\x01\x01\x42\x0b\n\t_hessians\"x\n\x0bLinearStats\x12\x0e\n\x06weight\x18\x01 \x01(\t\x12\x13\n\x0bin_features\x18\x02 \x01(\x05\x12\x0f\n\x07\x61\x62s_max\x18\x03 \x01(\x01\x12\x10\n\x08mean_abs\x18\x04 \x01(\x01\x12\x0c\n\x04site\x18\x05 \x01(\t\x12\x13\n\x0bhas_hessian\x18\x06 \x01(\x08\"u\n\x11\x43\x61librateResponse\x12%\n\x05stats\x18\x01 \x01(\x0b\x32\x16.edgeforge.v1.Artifact\x12\x0e\n\x06tokens\x18\x02 \x01(\x03\x12)\n\x06layers\x18\x03 \x03(\x0b\x32\x19.edgeforge.v1.LinearStats2Z\n\nCalibrator\x12L\n\tCalibrate\x12\x1e.edgeforge.v1.CalibrateRequest\x1a\x1f.edgeforge.v1.CalibrateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'edgeforge.v1.calibrator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CALIBRATEREQUEST']._serialized_start=74
-  _globals['_CALIBRATEREQUEST']._serialized_end=166
-  _globals['_LINEARSTATS']._serialized_start=168
-  _globals['_LINEARSTATS']._serialized_end=253
-  _globals['_CALIBRATERESPONSE']._serialized_start=255
-  _globals['_CALIBRATERESPONSE']._serialized_end=372
-  _globals['_CALIBRATOR']._serialized_start=374
-  _globals['_CALIBRATOR']._serialized_end=464
+  _globals['_CALIBRATEREQUEST']._serialized_start=75
+  _globals['_CALIBRATEREQUEST']._serialized_end=203
+  _globals['_LINEARSTATS']._serialized_start=205
+  _globals['_LINEARSTATS']._serialized_end=325
+  _globals['_CALIBRATERESPONSE']._serialized_start=327
+  _globals['_CALIBRATERESPONSE']._serialized_end=444
+  _globals['_CALIBRATOR']._serialized_start=446
+  _globals['_CALIBRATOR']._serialized_end=536
 # @@protoc_insertion_point(module_scope)

@@ -9,28 +9,34 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class CalibrateRequest(_message.Message):
-    __slots__ = ("model", "dataset", "samples", "sequence_length")
+    __slots__ = ("model", "dataset", "samples", "sequence_length", "hessians")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DATASET_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    HESSIANS_FIELD_NUMBER: _ClassVar[int]
     model: str
     dataset: str
     samples: int
     sequence_length: int
-    def __init__(self, model: _Optional[str] = ..., dataset: _Optional[str] = ..., samples: _Optional[int] = ..., sequence_length: _Optional[int] = ...) -> None: ...
+    hessians: bool
+    def __init__(self, model: _Optional[str] = ..., dataset: _Optional[str] = ..., samples: _Optional[int] = ..., sequence_length: _Optional[int] = ..., hessians: _Optional[bool] = ...) -> None: ...
 
 class LinearStats(_message.Message):
-    __slots__ = ("weight", "in_features", "abs_max", "mean_abs")
+    __slots__ = ("weight", "in_features", "abs_max", "mean_abs", "site", "has_hessian")
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     IN_FEATURES_FIELD_NUMBER: _ClassVar[int]
     ABS_MAX_FIELD_NUMBER: _ClassVar[int]
     MEAN_ABS_FIELD_NUMBER: _ClassVar[int]
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    HAS_HESSIAN_FIELD_NUMBER: _ClassVar[int]
     weight: str
     in_features: int
     abs_max: float
     mean_abs: float
-    def __init__(self, weight: _Optional[str] = ..., in_features: _Optional[int] = ..., abs_max: _Optional[float] = ..., mean_abs: _Optional[float] = ...) -> None: ...
+    site: str
+    has_hessian: bool
+    def __init__(self, weight: _Optional[str] = ..., in_features: _Optional[int] = ..., abs_max: _Optional[float] = ..., mean_abs: _Optional[float] = ..., site: _Optional[str] = ..., has_hessian: _Optional[bool] = ...) -> None: ...
 
 class CalibrateResponse(_message.Message):
     __slots__ = ("stats", "tokens", "layers")

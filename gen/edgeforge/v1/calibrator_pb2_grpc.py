@@ -46,8 +46,11 @@ class CalibratorServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Calibrate(self, request, context):
-        """Computes per-linear input statistics and stores them as an artifact. The coordinator reuses a
-        stored result when model digest + dataset digest + config repeat, without calling this again.
+        """Computes per-linear input statistics block by block and stores them as an artifact. The coordinator
+        reuses a stored result when model digest + dataset digest + config repeat, without calling this
+        again; the calibrator itself also returns its earlier artifact for a repeated (model sha256, dataset
+        sha256, samples, sequence_length, hessians) without running the model. Too little data (or an empty
+        dataset) is INVALID_ARGUMENT with reason INSUFFICIENT_DATA and metadata field "calibration.dataset".
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
