@@ -5,8 +5,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
+
 from edgeforge.v1 import compressor_pb2, compressor_pb2_grpc
-from services.compressor.compress import compress
+from services.calibrator.stats import CalibrationStats
+from services.compressor.compress import Calibration, check_steps, compress, needs_sequences
 from services.compressor.convert import quantization_from_proto, result_to_proto
 from shared.artifact_access import ArtifactAccess, open_model
 from shared.artifact_convert import artifact_to_proto
@@ -20,6 +23,8 @@ from shared.store.records import ArtifactKind, Lineage
 from shared.versions import tool_versions
 
 SERVICE_NAME = "edgeforge.v1.Compressor"
+DEFAULT_SAMPLES = 128
+DEFAULT_SEQUENCE_LENGTH = 512
 
 
 class CompressorServicer(compressor_pb2_grpc.CompressorServicer):
@@ -62,26 +67,63 @@ class CompressorServicer(compressor_pb2_grpc.CompressorServicer):
     @rpc
     def Compress(self, request: compressor_pb2.CompressRequest, context) -> compressor_pb2.CompressResponse:
         recipe = quantization_from_proto(request.quantization)
-        if recipe.grid() is None:
-            raise InvalidArgument(f"recipe {recipe.to_dict()} quantizes nothing; export the float model instead",
-                                  field="quantization")
+        pre_steps = tuple(quantization_from_proto(step, f"pre_steps[{i}]") for i, step in enumerate(request.pre_steps))
+        steps = check_steps([*pre_steps, recipe])
         model, model_sha = open_model(self.access, request.model)
+        calibration = Calibration()
+        if request.calibration_stats and (recipe.calibrated or any(s.calibrated for s in pre_steps)):
+            calibration.stats = CalibrationStats.open(self.access.local_path(request.calibration_stats))
+            if calibration.stats.metadata.get("model") != model_sha:
+                raise InvalidArgument(f"calibration_stats {request.calibration_stats} were computed for model "
+                                      f"artifacts/{calibration.stats.metadata.get('model')}, not {request.model}",
+                                      field="calibration_stats")
+        if needs_sequences(steps):
+            if not request.calibration_dataset:
+                raise InvalidArgument(f"method {'+'.join(s.method.value for s in steps)} runs the model block by block: "
+                                      "calibration_dataset is required", field="calibration_dataset")
+            calibration.sequences = calibration_sequences(
+                model, self.access.local_path(request.calibration_dataset),
+                request.calibration_samples or DEFAULT_SAMPLES,
+                request.calibration_sequence_length or DEFAULT_SEQUENCE_LENGTH)
         with tempfile.NamedTemporaryFile(dir=self._scratch(), suffix=".safetensors", delete=False) as handle:
             out = Path(handle.name)
         try:
-            result = compress(model, model_sha, recipe, out)
-            inputs = (request.model,) + ((request.calibration_stats,) if request.calibration_stats else ())
+            result = compress(model, model_sha, recipe, out, pre_steps=pre_steps, calibration=calibration)
+            inputs = (request.model,) + tuple(name for name in (request.calibration_stats, request.calibration_dataset)
+                                              if name)
+            params = {"steps": [s.to_dict() for s in steps]} if pre_steps else recipe.to_dict()
+            if calibration.sequences is not None:
+                params["calibration"] = {"samples": int(calibration.sequences.shape[0]),
+                                         "sequence_length": int(calibration.sequences.shape[1])}
+            label = "+".join(s.method.value for s in steps)
             record = self.access.put(
-                out, ArtifactKind.COMPRESSED_MODEL, display_name=f"compressed-{recipe.grid().name.replace('/', '-')}",
+                out, ArtifactKind.COMPRESSED_MODEL,
+                display_name=f"compressed-{recipe.grid().name.replace('/', '-')}-{label}",
                 media_type=compressed.MEDIA_TYPE,
-                lineage=Lineage(inputs, recipe.to_dict(), tool_versions("numpy", "safetensors"),
+                lineage=Lineage(inputs, params, tool_versions("numpy", "safetensors", "torch"),
                                 f"{SERVICE_NAME}/Compress"),
-                labels={"grid": recipe.grid().name, "bits_per_weight": f"{result.bits_per_weight:.3f}"})
+                labels={"grid": recipe.grid().name, "method": label,
+                        "bits_per_weight": f"{result.bits_per_weight:.3f}"})
         finally:
             out.unlink(missing_ok=True)
         return compressor_pb2.CompressResponse(compressed=artifact_to_proto(record), tensors=result_to_proto(result),
                                                payload_bytes=result.payload_bytes,
-                                               bits_per_weight=result.bits_per_weight)
+                                               bits_per_weight=result.bits_per_weight, seconds=result.seconds,
+                                               device=result.device)
+
+
+def calibration_sequences(model: ModelDir, path: Path, samples: int, sequence_length: int) -> torch.Tensor:
+    """(samples, sequence_length) token ids: [BOS] + consecutive chunks of the dataset, as the calibrator
+    cuts them, so both see the same sequences."""
+    from services.calibrator.stats import CalibrationConfig, sequences
+    from shared.datasets import load_text
+    from shared.models.tokenizer import TextTokenizer
+    config = CalibrationConfig(samples, sequence_length).validated()
+    tokenizer = TextTokenizer(model.tokenizer_path, model.tokenizer_config())
+    if tokenizer.bos_id is None:
+        raise InvalidArgument("the model's tokenizer has no BOS token", reason="UNSUPPORTED_OP", field="model")
+    text = load_text(path, "calibration_dataset")
+    return torch.tensor(sequences(tokenizer.encode(text), tokenizer.bos_id, config), dtype=torch.int64)
 
 
 def registration(access: ArtifactAccess):

@@ -63,3 +63,43 @@ def quantize(W: np.ndarray, grid: Grid) -> tuple[np.ndarray, np.ndarray, np.ndar
             c, s, z = quantize_group([float(v) for v in W[r, span]], grid)
             codes[r, span], scales[r, g], zeros[r, g] = c, s, z
     return codes, scales, zeros
+
+
+def gptq_reference(W: np.ndarray, H: np.ndarray, grid: Grid, damp_percent: float = 0.01,
+                   act_order: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """GPTQ as the paper states it, one column at a time in float64 with an explicit inverse:
+    round column j, push its error onto the remaining columns through H⁻¹, then remove j from H⁻¹
+    by one step of Gaussian elimination. No Cholesky, no lazy batches. -> (codes, dequantized)."""
+    from shared.quant.codecs import codec_for
+    W = np.array(W, dtype=np.float64)
+    H = np.array(H, dtype=np.float64)
+    rows, columns = W.shape
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    codec = codec_for(grid, columns)
+    block = codec.block
+    fits = [None] * (columns // block)
+    if act_order or block == columns:
+        for b in range(columns // block):
+            fits[b] = codec.fit(W[:, b * block:(b + 1) * block].astype(np.float32))
+    order = list(np.argsort(-np.diag(H), kind="stable")) if act_order else list(range(columns))
+    H = H + damp_percent * np.mean(np.diag(H)) * np.eye(columns)
+    Hinv = np.linalg.inv(H)
+    codes = np.zeros((rows, columns), dtype=np.uint8)
+    Q = np.zeros_like(W)
+    done: list[int] = []
+    for position, j in enumerate(order):
+        b, within = divmod(int(j), block)
+        if fits[b] is None:
+            fits[b] = codec.fit(W[:, b * block:(b + 1) * block].astype(np.float32))
+        k = within // codec.sub
+        q = codec.nearest(W[:, j].astype(np.float32), fits[b], k)
+        dq = q.astype(np.float32) * fits[b].scale[:, k] - fits[b].offset[:, k]
+        codes[:, j], Q[:, j] = q, dq
+        rest = [int(c) for c in order[position + 1:]]
+        err = (W[:, j] - dq) / Hinv[j, j]
+        W[:, rest] -= np.outer(err, Hinv[j, rest])
+        Hinv = Hinv - np.outer(Hinv[:, j], Hinv[j, :]) / Hinv[j, j]
+        done.append(int(j))
+    return codes, Q.astype(np.float32)
