@@ -13,7 +13,8 @@ from typing import Any
 
 from edgeforge.v1 import common_pb2, coordinator_pb2
 from shared.errors import InvalidArgument
-from shared.quant.grids import Granularity, Method, QuantizationConfig
+from shared.quant.grids import GGUF_TYPES
+from shared.quant.proto import quantization_from_proto
 
 
 class SpecError(ValueError):
@@ -31,9 +32,13 @@ _KEYS: dict[str, dict[str, type | tuple]] = {
     "evaluation": {"text_file": str, "max_tokens": int, "window_tokens": int},
     "targets[]": {"selector": dict, "device": str},
     "constraints": {"max_size_bytes": int, "max_p90_latency_ms": (int, float), "max_quality_loss_pct": (int, float)},
-    "candidates[]": {"id": str, "format": str, "quantization": dict},
+    "candidates[]": {"id": str, "format": str, "quantization": dict, "recipe": list},
     "quantization": {"method": str, "type": str, "bits": int, "granularity": str, "group_size": int,
-                     "symmetric": bool},
+                     "symmetric": bool, "scale": str, "percentile": (int, float), "gptq": dict, "awq": dict,
+                     "mixed_precision": dict},
+    "gptq": {"damp_percent": (int, float), "block_size": int, "act_order": bool, "sequential": bool},
+    "awq": {"grid": int, "clip": bool},
+    "mixed_precision": {"options": list, "max_bits_per_weight": (int, float)},
     "benchmark": {"prompt_tokens": int, "generation_tokens": int, "warmup_runs": int, "timed_runs": int,
                   "threads": int},
 }
@@ -41,7 +46,11 @@ FORMATS = {"gguf": common_pb2.EXPORT_FORMAT_GGUF, "onnx": common_pb2.EXPORT_FORM
 TASKS = {"causal-lm": common_pb2.MODEL_TASK_CAUSAL_LM}
 OBJECTIVES = {"best_quality": coordinator_pb2.OBJECTIVE_BEST_QUALITY,
               "lowest_latency": coordinator_pb2.OBJECTIVE_LOWEST_LATENCY}
-METHODS = {"none": common_pb2.QUANT_METHOD_NONE, "rtn": common_pb2.QUANT_METHOD_RTN}
+METHODS = {"none": common_pb2.QUANT_METHOD_NONE, "rtn": common_pb2.QUANT_METHOD_RTN,
+           "imatrix": common_pb2.QUANT_METHOD_IMATRIX, "gptq": common_pb2.QUANT_METHOD_GPTQ,
+           "awq": common_pb2.QUANT_METHOD_AWQ}
+SCALES = {"minmax": common_pb2.SCALE_SEARCH_MINMAX, "percentile": common_pb2.SCALE_SEARCH_PERCENTILE,
+          "mse": common_pb2.SCALE_SEARCH_MSE}
 GRANULARITIES = {"per_tensor": common_pb2.GRANULARITY_PER_TENSOR, "per_channel": common_pb2.GRANULARITY_PER_CHANNEL,
                  "per_group": common_pb2.GRANULARITY_PER_GROUP}
 
@@ -116,16 +125,34 @@ def quantization(raw: dict, field: str, export_format: str) -> common_pb2.Quanti
     proto = common_pb2.QuantizationConfig(
         method=_choice(METHODS, method, f"{field}.method"), gguf_type=raw.get("type", ""), bits=raw.get("bits", 0),
         granularity=_choice(GRANULARITIES, raw["granularity"], f"{field}.granularity") if "granularity" in raw else 0,
-        group_size=raw.get("group_size", 0), symmetric=raw.get("symmetric", True))
-    config = QuantizationConfig(Method(method), proto.gguf_type, proto.bits,
-                                Granularity(raw["granularity"]) if "granularity" in raw else None,
-                                proto.group_size, proto.symmetric)
+        group_size=raw.get("group_size", 0), symmetric=raw.get("symmetric", True),
+        scale=_choice(SCALES, raw["scale"], f"{field}.scale") if "scale" in raw else 0,
+        percentile=float(raw.get("percentile", 0)))
+    if "gptq" in raw:
+        gptq = _check_keys("gptq", f"{field}.gptq", raw["gptq"])
+        proto.gptq.CopyFrom(common_pb2.GptqOptions(damp_percent=float(gptq.get("damp_percent", 0)),
+                                                   block_size=gptq.get("block_size", 0)))
+        for key in ("act_order", "sequential"):
+            if key in gptq:
+                setattr(proto.gptq, key, gptq[key])
+    if "awq" in raw:
+        awq = _check_keys("awq", f"{field}.awq", raw["awq"])
+        proto.awq.CopyFrom(common_pb2.AwqOptions(grid=awq.get("grid", 0)))
+        if "clip" in awq:
+            proto.awq.clip = awq["clip"]
+    if "mixed_precision" in raw:
+        mixed = _check_keys("mixed_precision", f"{field}.mixed_precision", raw["mixed_precision"])
+        proto.mixed_precision.options.extend(str(option) for option in mixed.get("options", []))
+        proto.mixed_precision.max_bits_per_weight = float(mixed.get("max_bits_per_weight", 0))
     try:
-        config.validated()
+        config = quantization_from_proto(proto)
     except InvalidArgument as error:
         raise SpecError(error.field.replace("quantization", field) if error.field else field, error.message)
-    if export_format == "onnx" and config.gguf_type in ("q8_0", "q4_0"):
+    if export_format == "onnx" and config.gguf_type in GGUF_TYPES:
         raise SpecError(f"{field}.type", f"{config.gguf_type} is a GGUF block type; for onnx give bits/granularity")
+    if export_format == "gguf" and config.grid() is not None and not config.gguf_type:
+        raise SpecError(field, f"grid {config.grid().name} is not a llama.cpp block type; for gguf name one with "
+                               f"type ({', '.join(GGUF_TYPES)})")
     return proto
 
 
@@ -137,7 +164,7 @@ def parse(raw: Any, base_dir: Path) -> SpecFile:
     spec.model.task = _choice(TASKS, model.get("task", "causal-lm"), "model.task")
     calibration = _check_keys("calibration", "calibration", raw.get("calibration") or {})
     calibration_path = _file(base_dir, calibration.get("text_file"), "calibration.text_file")
-    spec.calibration.samples = _positive(calibration.get("samples", 64), "calibration.samples", 4096)
+    spec.calibration.samples = _positive(calibration.get("samples", 128), "calibration.samples", 4096)
     spec.calibration.sequence_length = _positive(calibration.get("sequence_length", 512),
                                                  "calibration.sequence_length", 8192, lower=8)
     evaluation = _check_keys("evaluation", "evaluation", raw.get("evaluation") or {})
@@ -164,8 +191,12 @@ def parse(raw: Any, base_dir: Path) -> SpecFile:
         candidate = _check_keys("candidates[]", field, candidate)
         export_format = candidate.get("format", "")
         proto = spec.candidates.add(id=candidate.get("id", ""), format=_choice(FORMATS, export_format, f"{field}.format"))
+        if "quantization" in candidate and "recipe" in candidate:
+            raise SpecError(f"{field}.recipe", "give either quantization or recipe, not both")
         if "quantization" in candidate:
             proto.quantization.CopyFrom(quantization(candidate["quantization"], f"{field}.quantization", export_format))
+        for j, step in enumerate(candidate.get("recipe", [])):
+            proto.recipe.append(quantization(step, f"{field}.recipe[{j}]", export_format))
     benchmark = _check_keys("benchmark", "benchmark", raw.get("benchmark") or {})
     for key, upper in (("prompt_tokens", 8192), ("generation_tokens", 8192), ("warmup_runs", 100),
                        ("timed_runs", 1000), ("threads", 1024)):

@@ -11,12 +11,14 @@ from services.compressor.convert import quantization_to_proto
 from services.coordinator import benchmarks
 from services.coordinator.context import CoordinatorContext
 from services.coordinator.spec import PlannedCandidate, plan
+from services.calibrator.stats_file import VERSION as STATS_VERSION
 from services.coordinator.state import digest
 from services.exporter.base import ExportFormat
 from services.exporter.convert import format_to_proto
 from shared.artifact_convert import struct
 from shared.errors import Cancelled, EdgeforgeError
 from shared.grpc_status import status_of
+from shared.quant.grids import Method
 from shared.store.records import parse_artifact_name
 
 log = logging.getLogger(__name__)
@@ -93,9 +95,10 @@ class BuildRunner:
         self.build.reference_model = model
 
         self.step(Stage.BUILD_STAGE_CALIBRATE, 5, "calibrating activation statistics")
-        calibration = {"samples": spec.calibration.samples, "sequence_length": spec.calibration.sequence_length}
+        calibration = {"samples": spec.calibration.samples, "sequence_length": spec.calibration.sequence_length,
+                       "hessians": self.needs_hessians()}      # XᵀX doubles calibration time: only when used
         calibrated, reused = self.memoized(
-            "calibrate", [model, spec.calibration.dataset, calibration],
+            "calibrate", [model, spec.calibration.dataset, calibration, STATS_VERSION],
             lambda: workers.call(workers.calibrator.Calibrate, calibrator_pb2.CalibrateRequest(
                 model=model, dataset=spec.calibration.dataset, **calibration)),
             calibrator_pb2.CalibrateResponse, lambda r: [r.stats.name])
@@ -118,6 +121,14 @@ class BuildRunner:
         self.build.state = coordinator_pb2.BUILD_STATE_SUCCEEDED      # what the report describes
         benchmarks.write_reports(self)
 
+    def needs_hessians(self) -> bool:
+        """Mixed precision and GPTQ without sequential calibration read the calibrator's Hessians."""
+        for candidate in plan(self.build.spec):
+            for step in (*candidate.pre_steps, candidate.quantization):
+                if step.mixed is not None or (step.method is Method.GPTQ and not step.gptq.sequential):
+                    return True
+        return False
+
     def evaluate(self, artifact: str, export_format: ExportFormat, model: str) -> common_pb2.Quality:
         spec, workers = self.build.spec, self.ctx.workers
         evaluation = {"max_tokens": spec.evaluation.max_tokens, "window_tokens": spec.evaluation.window_tokens}
@@ -139,14 +150,24 @@ class BuildRunner:
             compressed = ""
             if candidate.quantized:
                 self.step(Stage.BUILD_STAGE_COMPRESS, base, f"compressing {candidate.id}", candidate.id)
-                request = compressor_pb2.CompressRequest(model=model,
-                                                         quantization=quantization_to_proto(candidate.quantization),
-                                                         calibration_stats=self.build.calibration_stats)
+                spec = self.build.spec
+                request = compressor_pb2.CompressRequest(
+                    model=model, quantization=quantization_to_proto(candidate.quantization),
+                    pre_steps=[quantization_to_proto(step) for step in candidate.pre_steps],
+                    calibration_stats=self.build.calibration_stats, calibration_dataset=spec.calibration.dataset,
+                    calibration_samples=spec.calibration.samples,
+                    calibration_sequence_length=spec.calibration.sequence_length)
+                key = [model, candidate.quantization.to_dict(), [step.to_dict() for step in candidate.pre_steps]]
+                if candidate.quantization.calibrated or candidate.pre_steps:      # RTN ignores calibration
+                    key += [self.build.calibration_stats, spec.calibration.dataset, spec.calibration.samples,
+                            spec.calibration.sequence_length]
                 response, _ = self.memoized(
-                    "compress", [model, self.build.calibration_stats, candidate.quantization.to_dict()],
+                    "compress", key,
                     lambda: workers.call(workers.compressor.Compress, request),
                     compressor_pb2.CompressResponse, lambda r: [r.compressed.name])
                 compressed = result.compressed_artifact = response.compressed.name
+                result.tensors.extend(response.tensors)
+                result.bits_per_weight, result.compress_seconds = response.bits_per_weight, response.seconds
             self.step(Stage.BUILD_STAGE_EXPORT, base + 55 / count / 3, f"exporting {candidate.id}", candidate.id)
             request = exporter_pb2.ExportRequest(model=model, compressed=compressed,
                                                  format=format_to_proto(candidate.format),

@@ -49,6 +49,11 @@ def build_report(build: coordinator_pb2.Build) -> dict[str, Any]:
             })
         devices.append({"device": device.device, "attributes": dict(sorted(device.attributes.items())),
                         "chosen": device.chosen_candidate or None, "candidates": rows})
+    quantization = [{"id": c.id, "recipe": json_format.MessageToDict(c.recipe), "bits_per_weight": c.bits_per_weight,
+                     "compress_seconds": c.compress_seconds,
+                     "tensors": [{"name": t.name, "grid": t.grid, "bits_per_weight": t.bits_per_weight,
+                                  "snr_db": t.snr_db, "output_error": t.output_error} for t in c.tensors]}
+                    for c in build.candidates if c.tensors]
     spec = build.spec
     constraints = {k: getattr(spec.constraints, k) for k in ("max_size_bytes", "max_p90_latency_ms",
                                                              "max_quality_loss_pct") if spec.constraints.HasField(k)}
@@ -62,6 +67,7 @@ def build_report(build: coordinator_pb2.Build) -> dict[str, Any]:
         "objective": coordinator_pb2.Objective.Name(spec.objective).removeprefix("OBJECTIVE_").lower(),
         "benchmark": json_format.MessageToDict(spec.benchmark, preserving_proto_field_name=True),
         "devices": devices,
+        "quantization": quantization,
     }
 
 
@@ -129,6 +135,29 @@ def _scatter(rows: list[dict]) -> str:
     return "".join(parts)
 
 
+def _quantization_html(candidates: list[dict]) -> list[str]:
+    """Per candidate, every quantized tensor's grid (the mixed-precision allocation), storage and error."""
+    e = html.escape
+    if not candidates:
+        return []
+    out = ["<h2>Quantization, tensor by tensor</h2><p class='meta'>Grid per tensor (a mixed-precision recipe "
+           "shows its allocation here), storage in bits per weight with scales, signal-to-noise ratio of the "
+           "weights, and the relative output error tr(ΔW·H·ΔWᵀ)/tr(W·H·Wᵀ) on the calibration inputs.</p>"]
+    for c in candidates:
+        grids: dict[str, int] = {}
+        for t in c["tensors"]:
+            grids[t["grid"]] = grids.get(t["grid"], 0) + 1
+        summary = ", ".join(f"{e(g)} ×{n}" for g, n in sorted(grids.items()))
+        out.append(f"<details><summary><b>{e(c['id'])}</b> — {c['bits_per_weight']:.3f} bits/weight, {summary}, "
+                   f"compressed in {c['compress_seconds']:.1f} s</summary><table><thead><tr><th>tensor</th>"
+                   "<th>grid</th><th>bits/weight</th><th>SNR dB</th><th>output error</th></tr></thead><tbody>")
+        for t in c["tensors"]:
+            out.append(f"<tr><td>{e(t['name'])}</td><td>{e(t['grid'])}</td><td>{t['bits_per_weight']:.3f}</td>"
+                       f"<td>{t['snr_db']:.1f}</td><td>{t['output_error']:.2e}</td></tr>")
+        out.append("</tbody></table></details>")
+    return out
+
+
 def render_html(document: dict[str, Any]) -> str:
     e = html.escape
     out = ["<!doctype html><html lang='en'><head><meta charset='utf-8'>",
@@ -168,6 +197,7 @@ def render_html(document: dict[str, Any]) -> str:
                        f"<td>{r['load_ms']:.0f}</td><td>{_fmt_mb(r['peak_rss_bytes'])}</td><td>{tps['prompt']:.1f}</td>"
                        f"<td>{tps['generation']:.1f}</td><td class='why'>{e(why)}</td></tr>")
         out.append("</tbody></table>")
+    out.extend(_quantization_html(document.get("quantization", [])))
     out.append("<p class='meta'>Latency is one run: prompt processing of "
                f"{document['benchmark'].get('prompt_tokens', '?')} tokens plus generation of "
                f"{document['benchmark'].get('generation_tokens', '?')} tokens, measured on the device by its agent. "

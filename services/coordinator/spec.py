@@ -12,8 +12,8 @@ from edgeforge.v1 import common_pb2, coordinator_pb2
 from services.compressor.convert import quantization_from_proto, quantization_to_proto
 from services.exporter.base import ExportFormat
 from services.exporter.convert import format_from_proto
-from shared.errors import FailedPrecondition, InvalidArgument, NotFound
-from shared.quant.grids import FLOAT_TYPES, Granularity, Method, QuantizationConfig
+from shared.errors import InvalidArgument, NotFound
+from shared.quant.grids import FLOAT_TYPES, GGUF_TYPES, Granularity, Method, QuantizationConfig
 from shared.store.artifacts import ArtifactStore
 from shared.store.records import ArtifactKind, parse_artifact_name
 
@@ -31,23 +31,35 @@ DEFAULT_BENCHMARK = {"prompt_tokens": 128, "generation_tokens": 32, "warmup_runs
 class PlannedCandidate:
     id: str
     format: ExportFormat
-    quantization: QuantizationConfig
+    quantization: QuantizationConfig   # the final (quantizing) step
     float_type: str                     # storage of tensors left float: "f16" or "f32"
+    pre_steps: tuple[QuantizationConfig, ...] = ()
 
     @property
     def quantized(self) -> bool:
         return self.quantization.grid() is not None
 
     def recipe(self) -> dict:
-        return {"format": self.format.value, "quantization": self.quantization.to_dict(),
-                "float_type": self.float_type}
+        out = {"format": self.format.value, "quantization": self.quantization.to_dict(),
+               "float_type": self.float_type}
+        if self.pre_steps:
+            out["recipe"] = [step.to_dict() for step in (*self.pre_steps, self.quantization)]
+        return out
 
 
-def candidate_id(export_format: ExportFormat, config: QuantizationConfig, float_type: str) -> str:
+def candidate_id(export_format: ExportFormat, config: QuantizationConfig, float_type: str,
+                 pre_steps: tuple[QuantizationConfig, ...] = ()) -> str:
+    """e.g. gguf-q4_0 (RTN), gguf-q4_k-gptq, onnx-int4-g64-sym-awq+gptq, gguf-q4_k_m-gptq-mixed."""
     grid = config.grid()
     if grid is None:
         return f"{export_format.value}-{float_type}"
-    return f"{export_format.value}-{grid.name.replace('/', '-')}"
+    name = config.gguf_type or grid.name.replace("/", "-")
+    methods = [step.method.value for step in (*pre_steps, config)]
+    if methods != ["rtn"]:
+        name += "-" + "+".join(methods)
+    if config.mixed is not None:
+        name += "-mixed"
+    return f"{export_format.value}-{name}"
 
 
 def _float_type(export_format: ExportFormat, config: QuantizationConfig, field: str) -> str:
@@ -109,7 +121,7 @@ def validate(spec: coordinator_pb2.BuildSpec, store: ArtifactStore) -> tuple[coo
     if spec.calibration.dataset == spec.evaluation.dataset:
         raise InvalidArgument("calibration and evaluation data are the same artifact; evaluation text must be "
                               "held out or quality numbers are optimistic", field="evaluation.dataset")
-    spec.calibration.samples = spec.calibration.samples or 64
+    spec.calibration.samples = spec.calibration.samples or 128
     spec.calibration.sequence_length = spec.calibration.sequence_length or 512
     if not (1 <= spec.calibration.samples <= 4096 and 8 <= spec.calibration.sequence_length <= 8192):
         raise InvalidArgument("calibration.samples must be in [1, 4096] and sequence_length in [8, 8192]",
@@ -150,34 +162,38 @@ def validate(spec: coordinator_pb2.BuildSpec, store: ArtifactStore) -> tuple[coo
 
 
 def plan(spec: coordinator_pb2.BuildSpec) -> list[PlannedCandidate]:
+    from services.compressor.compress import check_steps
     planned, seen = [], set()
     for i, candidate in enumerate(spec.candidates):
         field = f"candidates[{i}]"
         export_format = format_from_proto(candidate.format, f"{field}.format")
         if export_format is ExportFormat.REFERENCE:
             raise InvalidArgument("reference is not an export format", field=f"{field}.format")
-        quantization = candidate.quantization
-        if not candidate.HasField("quantization") or quantization.method == common_pb2.QUANT_METHOD_UNSPECIFIED \
-                and not quantization.gguf_type and not quantization.bits:
-            quantization = common_pb2.QuantizationConfig(method=common_pb2.QUANT_METHOD_NONE)
-        try:
-            config = quantization_from_proto(quantization)
-        except InvalidArgument as error:
-            raise InvalidArgument(error.message, field=f"{field}.{error.field or 'quantization'}")
-        if export_format is ExportFormat.ONNX and config.gguf_type in ("q8_0", "q4_0"):
+        if candidate.recipe:
+            if candidate.HasField("quantization"):
+                raise InvalidArgument("give either quantization or recipe, not both", field=f"{field}.recipe")
+            steps = [quantization_from_proto(step, f"{field}.recipe[{j}]") for j, step in enumerate(candidate.recipe)]
+            try:
+                steps = check_steps(steps)
+            except InvalidArgument as error:
+                raise InvalidArgument(error.message, field=f"{field}.{error.field or 'recipe'}")
+        else:
+            quantization = candidate.quantization
+            if not candidate.HasField("quantization") or quantization.method == common_pb2.QUANT_METHOD_UNSPECIFIED \
+                    and not quantization.gguf_type and not quantization.bits:
+                quantization = common_pb2.QuantizationConfig(method=common_pb2.QUANT_METHOD_NONE)
+            steps = [quantization_from_proto(quantization, f"{field}.quantization")]
+        config, pre_steps = steps[-1], tuple(steps[:-1])
+        if export_format is ExportFormat.ONNX and config.gguf_type in GGUF_TYPES:
             raise InvalidArgument(f"{config.gguf_type} is a GGUF block type; give onnx bits/granularity",
                                   field=f"{field}.quantization.type")
-        if export_format is ExportFormat.GGUF and config.grid() is not None:
-            from services.exporter.formats.gguf import gguf_block_type
-            try:
-                gguf_block_type(config.grid())
-            except FailedPrecondition as error:
-                raise InvalidArgument(f"{error.message}; name a llama.cpp type (quantization.type: q8_0 or q4_0)",
-                                      field=f"{field}.quantization")
+        if export_format is ExportFormat.GGUF and config.grid() is not None and not config.gguf_type:
+            raise InvalidArgument(f"grid {config.grid().name} is not a llama.cpp block type; a GGUF candidate names "
+                                  f"one (quantization.type: {', '.join(GGUF_TYPES)})", field=f"{field}.quantization")
         float_type = _float_type(export_format, config, field)
-        candidate_name = candidate.id or candidate_id(export_format, config, float_type)
+        candidate_name = candidate.id or candidate_id(export_format, config, float_type, pre_steps)
         if candidate_name in seen:
             raise InvalidArgument(f"candidate id {candidate_name!r} appears twice", field=f"{field}.id")
         seen.add(candidate_name)
-        planned.append(PlannedCandidate(candidate_name, export_format, config, float_type))
+        planned.append(PlannedCandidate(candidate_name, export_format, config, float_type, pre_steps))
     return planned

@@ -173,3 +173,37 @@ def test_agent_gateway_bad_input(coordinator):
     device = agents.RegisterAgent(agent_pb2.RegisterAgentRequest(device_id="ok-1", attributes={"os": "linux"}))
     assert device.name == "devices/ok-1" and device.state == coordinator_pb2.DEVICE_STATE_ONLINE
     assert agents.LeaseJob(agent_pb2.LeaseJobRequest(device="devices/ok-1", wait_ms=0)).HasField("lease") is False
+
+
+def test_calibrated_methods_build_end_to_end(coordinator, agent, tiny_model_dir, assets):
+    """GPTQ, AWQ→GPTQ (a recipe), importance-weighted RTN and a mixed-precision allocation, all from the
+    spec, through the real services; the report lists each tensor's grid and error."""
+    candidates = [
+        {"format": "gguf", "quantization": {"method": "gptq", "type": "q4_0"}},
+        {"format": "gguf", "recipe": [{"method": "awq", "type": "q5_1"}, {"method": "gptq", "type": "q5_1"}]},
+        {"format": "onnx", "quantization": {"method": "imatrix", "bits": 4, "granularity": "per_group",
+                                            "group_size": 32}},
+        {"format": "gguf", "quantization": {"method": "rtn", "type": "q4_0",
+                                            "mixed_precision": {"options": ["q4_0", "q8_0"],
+                                                                "max_bits_per_weight": 6.0}}},
+    ]
+    spec = tiny_spec(tiny_model_dir, assets, candidates=candidates,
+                     calibration={"text_file": str(assets / "data" / "calib.txt"), "samples": 4,
+                                  "sequence_length": 32})
+    operation, build = run_build(coordinator, spec)
+    assert build.state == coordinator_pb2.BUILD_STATE_SUCCEEDED, build.error.message
+    assert [c.id for c in build.candidates] == ["gguf-q4_0-gptq", "gguf-q5_1-awq+gptq", "onnx-int4-g32-sym-imatrix",
+                                                "gguf-q4_0-mixed"]
+    for candidate in build.candidates:
+        assert not candidate.error.message, candidate.error.message
+        assert candidate.quality.value > 0 and candidate.tensors
+    gptq, mixed = build.candidates[0], build.candidates[3]
+    assert all(t.output_error > 0 for t in gptq.tensors if ".layers." in t.name)
+    linear_grids = {t.grid for t in mixed.tensors if ".layers." in t.name}
+    assert linear_grids <= {"q4_0", "q8_0"} and 4.5 <= mixed.bits_per_weight
+    compressed = coordinator.ctx.store.get(gptq.compressed_artifact.removeprefix("artifacts/"))
+    assert build.calibration_stats in compressed.lineage.inputs                    # provenance of the data used
+    report = json.loads(coordinator.ctx.store.path(build.report_json_artifact.removeprefix("artifacts/")).read_text())
+    assert {c["id"] for c in report["quantization"]} >= {"gguf-q4_0-gptq", "gguf-q4_0-mixed"}
+    html = coordinator.ctx.store.path(build.report_html_artifact.removeprefix("artifacts/")).read_text()
+    assert "Quantization, tensor by tensor" in html and "gguf-q4_0-mixed" in html

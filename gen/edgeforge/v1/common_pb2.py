@@ -27,7 +27,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65\x64geforge/v1/common.proto\x12\x0c\x65\x64geforge.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcc\x02\n\x08\x41rtifact\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x04kind\x18\x02 \x01(\x0e\x32\x1a.edgeforge.v1.ArtifactKind\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x03\x12\x12\n\nmedia_type\x18\x05 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x06 \x01(\t\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x07lineage\x18\x08 \x01(\x0b\x32\x15.edgeforge.v1.Lineage\x12\x32\n\x06labels\x18\t \x03(\x0b\x32\".edgeforge.v1.Artifact.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc9\x01\n\x07Lineage\x12\x0e\n\x06inputs\x18\x01 \x03(\t\x12\'\n\x06recipe\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12>\n\rtool_versions\x18\x03 \x03(\x0b\x32\'.edgeforge.v1.Lineage.ToolVersionsEntry\x12\x10\n\x08producer\x18\x04 \x01(\t\x1a\x33\n\x11ToolVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xca\x01\n\x12QuantizationConfig\x12)\n\x06method\x18\x01 \x01(\x0e\x32\x19.edgeforge.v1.QuantMethod\x12\x11\n\tgguf_type\x18\x02 \x01(\t\x12\x0c\n\x04\x62its\x18\x03 \x01(\x05\x12.\n\x0bgranularity\x18\x04 \x01(\x0e\x32\x19.edgeforge.v1.Granularity\x12\x12\n\ngroup_size\x18\x05 \x01(\x05\x12\x16\n\tsymmetric\x18\x06 \x01(\x08H\x00\x88\x01\x01\x42\x0c\n\n_symmetric\"]\n\x07Quality\x12\x0e\n\x06metric\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\x12\x10\n\x08\x62\x61seline\x18\x03 \x01(\x01\x12\x11\n\tdelta_pct\x18\x04 \x01(\x01\x12\x0e\n\x06tokens\x18\x05 \x01(\x03\"\x85\x01\n\nValidation\x12\x0f\n\x07runtime\x18\x01 \x01(\t\x12\x14\n\x0cmax_abs_diff\x18\x02 \x01(\x01\x12\x15\n\rmean_abs_diff\x18\x03 \x01(\x01\x12\x16\n\x0etop1_agreement\x18\x04 \x01(\x01\x12\x11\n\tpositions\x18\x05 \x01(\x03\x12\x0e\n\x06loaded\x18\x06 \x01(\x08\"v\n\x0cLatencyStats\x12\x0e\n\x06p50_ms\x18\x01 \x01(\x01\x12\x0e\n\x06p90_ms\x18\x02 \x01(\x01\x12\x0e\n\x06p99_ms\x18\x03 \x01(\x01\x12\x0f\n\x07mean_ms\x18\x04 \x01(\x01\x12\x11\n\tstddev_ms\x18\x05 \x01(\x01\x12\x12\n\nsamples_ms\x18\x06 \x03(\x01\"}\n\x0f\x42\x65nchmarkConfig\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11generation_tokens\x18\x02 \x01(\x05\x12\x13\n\x0bwarmup_runs\x18\x03 \x01(\x05\x12\x12\n\ntimed_runs\x18\x04 \x01(\x05\x12\x0f\n\x07threads\x18\x05 \x01(\x05\"\x84\x03\n\x0bMeasurement\x12+\n\x07latency\x18\x01 \x01(\x0b\x32\x1a.edgeforge.v1.LatencyStats\x12\x1b\n\x13prompt_tokens_per_s\x18\x02 \x01(\x01\x12\x1f\n\x17generation_tokens_per_s\x18\x03 \x01(\x01\x12\x0f\n\x07load_ms\x18\x04 \x01(\x01\x12\x14\n\x0c\x66irst_run_ms\x18\x05 \x01(\x01\x12\x16\n\x0epeak_rss_bytes\x18\x06 \x01(\x03\x12\x0f\n\x07threads\x18\x07 \x01(\x05\x12H\n\x10runtime_versions\x18\x08 \x03(\x0b\x32..edgeforge.v1.Measurement.RuntimeVersionsEntry\x12\x19\n\x11prompt_samples_ms\x18\t \x03(\x01\x12\x1d\n\x15generation_samples_ms\x18\n \x03(\x01\x1a\x36\n\x14RuntimeVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\x86\x02\n\x0c\x41rtifactKind\x12\x1d\n\x19\x41RTIFACT_KIND_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x41RTIFACT_KIND_SOURCE_MODEL\x10\x01\x12\x17\n\x13\x41RTIFACT_KIND_MODEL\x10\x02\x12\x19\n\x15\x41RTIFACT_KIND_DATASET\x10\x03\x12#\n\x1f\x41RTIFACT_KIND_CALIBRATION_STATS\x10\x04\x12\"\n\x1e\x41RTIFACT_KIND_COMPRESSED_MODEL\x10\x05\x12 \n\x1c\x41RTIFACT_KIND_EXPORTED_MODEL\x10\x06\x12\x18\n\x14\x41RTIFACT_KIND_REPORT\x10\x07*A\n\tModelTask\x12\x1a\n\x16MODEL_TASK_UNSPECIFIED\x10\x00\x12\x18\n\x14MODEL_TASK_CAUSAL_LM\x10\x01*z\n\x0c\x45xportFormat\x12\x1d\n\x19\x45XPORT_FORMAT_UNSPECIFIED\x10\x00\x12\x16\n\x12\x45XPORT_FORMAT_GGUF\x10\x01\x12\x16\n\x12\x45XPORT_FORMAT_ONNX\x10\x02\x12\x1b\n\x17\x45XPORT_FORMAT_REFERENCE\x10\x03*X\n\x0bQuantMethod\x12\x1c\n\x18QUANT_METHOD_UNSPECIFIED\x10\x00\x12\x15\n\x11QUANT_METHOD_NONE\x10\x01\x12\x14\n\x10QUANT_METHOD_RTN\x10\x02*~\n\x0bGranularity\x12\x1b\n\x17GRANULARITY_UNSPECIFIED\x10\x00\x12\x1a\n\x16GRANULARITY_PER_TENSOR\x10\x01\x12\x1b\n\x17GRANULARITY_PER_CHANNEL\x10\x02\x12\x19\n\x15GRANULARITY_PER_GROUP\x10\x03*\x82\x03\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x11\n\rINVALID_FIELD\x10\x01\x12\x18\n\x14UNKNOWN_MODEL_FORMAT\x10\x02\x12\x13\n\x0f\x44IGEST_MISMATCH\x10\x03\x12\x1a\n\x16UPLOAD_OFFSET_MISMATCH\x10\x05\x12\x16\n\x12RESOURCE_NOT_FOUND\x10\x06\x12\x15\n\x11REQUEST_ID_REUSED\x10\x07\x12\x12\n\x0eUNSUPPORTED_OP\x10\x08\x12\x16\n\x12NO_MATCHING_DEVICE\x10\t\x12\x11\n\rLEASE_EXPIRED\x10\n\x12\x1a\n\x16STORED_DIGEST_MISMATCH\x10\x0b\x12\r\n\tTOO_LARGE\x10\x0c\x12\x13\n\x0fMALFORMED_MODEL\x10\r\x12\x15\n\x11INSUFFICIENT_DATA\x10\x0e\x12\x15\n\x11VALIDATION_FAILED\x10\x0f\x12\x15\n\x11\x44\x45PENDENCY_FAILED\x10\x10\"\x04\x08\x04\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65\x64geforge/v1/common.proto\x12\x0c\x65\x64geforge.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcc\x02\n\x08\x41rtifact\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x04kind\x18\x02 \x01(\x0e\x32\x1a.edgeforge.v1.ArtifactKind\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x03\x12\x12\n\nmedia_type\x18\x05 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x06 \x01(\t\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x07lineage\x18\x08 \x01(\x0b\x32\x15.edgeforge.v1.Lineage\x12\x32\n\x06labels\x18\t \x03(\x0b\x32\".edgeforge.v1.Artifact.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc9\x01\n\x07Lineage\x12\x0e\n\x06inputs\x18\x01 \x03(\t\x12\'\n\x06recipe\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12>\n\rtool_versions\x18\x03 \x03(\x0b\x32\'.edgeforge.v1.Lineage.ToolVersionsEntry\x12\x10\n\x08producer\x18\x04 \x01(\t\x1a\x33\n\x11ToolVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x85\x01\n\x0bGptqOptions\x12\x14\n\x0c\x64\x61mp_percent\x18\x01 \x01(\x01\x12\x12\n\nblock_size\x18\x02 \x01(\x05\x12\x16\n\tact_order\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x17\n\nsequential\x18\x04 \x01(\x08H\x01\x88\x01\x01\x42\x0c\n\n_act_orderB\r\n\x0b_sequential\"6\n\nAwqOptions\x12\x0c\n\x04grid\x18\x01 \x01(\x05\x12\x11\n\x04\x63lip\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x07\n\x05_clip\">\n\x0eMixedPrecision\x12\x0f\n\x07options\x18\x01 \x03(\t\x12\x1b\n\x13max_bits_per_weight\x18\x02 \x01(\x01\"\x8f\x03\n\x12QuantizationConfig\x12)\n\x06method\x18\x01 \x01(\x0e\x32\x19.edgeforge.v1.QuantMethod\x12\x11\n\tgguf_type\x18\x02 \x01(\t\x12\x0c\n\x04\x62its\x18\x03 \x01(\x05\x12.\n\x0bgranularity\x18\x04 \x01(\x0e\x32\x19.edgeforge.v1.Granularity\x12\x12\n\ngroup_size\x18\x05 \x01(\x05\x12\x16\n\tsymmetric\x18\x06 \x01(\x08H\x00\x88\x01\x01\x12(\n\x05scale\x18\x07 \x01(\x0e\x32\x19.edgeforge.v1.ScaleSearch\x12\x12\n\npercentile\x18\x08 \x01(\x01\x12\'\n\x04gptq\x18\t \x01(\x0b\x32\x19.edgeforge.v1.GptqOptions\x12%\n\x03\x61wq\x18\n \x01(\x0b\x32\x18.edgeforge.v1.AwqOptions\x12\x35\n\x0fmixed_precision\x18\x0b \x01(\x0b\x32\x1c.edgeforge.v1.MixedPrecisionB\x0c\n\n_symmetric\"]\n\x07Quality\x12\x0e\n\x06metric\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\x12\x10\n\x08\x62\x61seline\x18\x03 \x01(\x01\x12\x11\n\tdelta_pct\x18\x04 \x01(\x01\x12\x0e\n\x06tokens\x18\x05 \x01(\x03\"\x85\x01\n\nValidation\x12\x0f\n\x07runtime\x18\x01 \x01(\t\x12\x14\n\x0cmax_abs_diff\x18\x02 \x01(\x01\x12\x15\n\rmean_abs_diff\x18\x03 \x01(\x01\x12\x16\n\x0etop1_agreement\x18\x04 \x01(\x01\x12\x11\n\tpositions\x18\x05 \x01(\x03\x12\x0e\n\x06loaded\x18\x06 \x01(\x08\"v\n\x0cLatencyStats\x12\x0e\n\x06p50_ms\x18\x01 \x01(\x01\x12\x0e\n\x06p90_ms\x18\x02 \x01(\x01\x12\x0e\n\x06p99_ms\x18\x03 \x01(\x01\x12\x0f\n\x07mean_ms\x18\x04 \x01(\x01\x12\x11\n\tstddev_ms\x18\x05 \x01(\x01\x12\x12\n\nsamples_ms\x18\x06 \x03(\x01\"}\n\x0f\x42\x65nchmarkConfig\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11generation_tokens\x18\x02 \x01(\x05\x12\x13\n\x0bwarmup_runs\x18\x03 \x01(\x05\x12\x12\n\ntimed_runs\x18\x04 \x01(\x05\x12\x0f\n\x07threads\x18\x05 \x01(\x05\"\x84\x03\n\x0bMeasurement\x12+\n\x07latency\x18\x01 \x01(\x0b\x32\x1a.edgeforge.v1.LatencyStats\x12\x1b\n\x13prompt_tokens_per_s\x18\x02 \x01(\x01\x12\x1f\n\x17generation_tokens_per_s\x18\x03 \x01(\x01\x12\x0f\n\x07load_ms\x18\x04 \x01(\x01\x12\x14\n\x0c\x66irst_run_ms\x18\x05 \x01(\x01\x12\x16\n\x0epeak_rss_bytes\x18\x06 \x01(\x03\x12\x0f\n\x07threads\x18\x07 \x01(\x05\x12H\n\x10runtime_versions\x18\x08 \x03(\x0b\x32..edgeforge.v1.Measurement.RuntimeVersionsEntry\x12\x19\n\x11prompt_samples_ms\x18\t \x03(\x01\x12\x1d\n\x15generation_samples_ms\x18\n \x03(\x01\x1a\x36\n\x14RuntimeVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\x86\x02\n\x0c\x41rtifactKind\x12\x1d\n\x19\x41RTIFACT_KIND_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x41RTIFACT_KIND_SOURCE_MODEL\x10\x01\x12\x17\n\x13\x41RTIFACT_KIND_MODEL\x10\x02\x12\x19\n\x15\x41RTIFACT_KIND_DATASET\x10\x03\x12#\n\x1f\x41RTIFACT_KIND_CALIBRATION_STATS\x10\x04\x12\"\n\x1e\x41RTIFACT_KIND_COMPRESSED_MODEL\x10\x05\x12 \n\x1c\x41RTIFACT_KIND_EXPORTED_MODEL\x10\x06\x12\x18\n\x14\x41RTIFACT_KIND_REPORT\x10\x07*A\n\tModelTask\x12\x1a\n\x16MODEL_TASK_UNSPECIFIED\x10\x00\x12\x18\n\x14MODEL_TASK_CAUSAL_LM\x10\x01*z\n\x0c\x45xportFormat\x12\x1d\n\x19\x45XPORT_FORMAT_UNSPECIFIED\x10\x00\x12\x16\n\x12\x45XPORT_FORMAT_GGUF\x10\x01\x12\x16\n\x12\x45XPORT_FORMAT_ONNX\x10\x02\x12\x1b\n\x17\x45XPORT_FORMAT_REFERENCE\x10\x03*\x9f\x01\n\x0bQuantMethod\x12\x1c\n\x18QUANT_METHOD_UNSPECIFIED\x10\x00\x12\x15\n\x11QUANT_METHOD_NONE\x10\x01\x12\x14\n\x10QUANT_METHOD_RTN\x10\x02\x12\x18\n\x14QUANT_METHOD_IMATRIX\x10\x03\x12\x15\n\x11QUANT_METHOD_GPTQ\x10\x04\x12\x14\n\x10QUANT_METHOD_AWQ\x10\x05*w\n\x0bScaleSearch\x12\x1c\n\x18SCALE_SEARCH_UNSPECIFIED\x10\x00\x12\x17\n\x13SCALE_SEARCH_MINMAX\x10\x01\x12\x1b\n\x17SCALE_SEARCH_PERCENTILE\x10\x02\x12\x14\n\x10SCALE_SEARCH_MSE\x10\x03*~\n\x0bGranularity\x12\x1b\n\x17GRANULARITY_UNSPECIFIED\x10\x00\x12\x1a\n\x16GRANULARITY_PER_TENSOR\x10\x01\x12\x1b\n\x17GRANULARITY_PER_CHANNEL\x10\x02\x12\x19\n\x15GRANULARITY_PER_GROUP\x10\x03*\x82\x03\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x11\n\rINVALID_FIELD\x10\x01\x12\x18\n\x14UNKNOWN_MODEL_FORMAT\x10\x02\x12\x13\n\x0f\x44IGEST_MISMATCH\x10\x03\x12\x1a\n\x16UPLOAD_OFFSET_MISMATCH\x10\x05\x12\x16\n\x12RESOURCE_NOT_FOUND\x10\x06\x12\x15\n\x11REQUEST_ID_REUSED\x10\x07\x12\x12\n\x0eUNSUPPORTED_OP\x10\x08\x12\x16\n\x12NO_MATCHING_DEVICE\x10\t\x12\x11\n\rLEASE_EXPIRED\x10\n\x12\x1a\n\x16STORED_DIGEST_MISMATCH\x10\x0b\x12\r\n\tTOO_LARGE\x10\x0c\x12\x13\n\x0fMALFORMED_MODEL\x10\r\x12\x15\n\x11INSUFFICIENT_DATA\x10\x0e\x12\x15\n\x11VALIDATION_FAILED\x10\x0f\x12\x15\n\x11\x44\x45PENDENCY_FAILED\x10\x10\"\x04\x08\x04\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,18 +40,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LINEAGE_TOOLVERSIONSENTRY']._serialized_options = b'8\001'
   _globals['_MEASUREMENT_RUNTIMEVERSIONSENTRY']._loaded_options = None
   _globals['_MEASUREMENT_RUNTIMEVERSIONSENTRY']._serialized_options = b'8\001'
-  _globals['_ARTIFACTKIND']._serialized_start=1720
-  _globals['_ARTIFACTKIND']._serialized_end=1982
-  _globals['_MODELTASK']._serialized_start=1984
-  _globals['_MODELTASK']._serialized_end=2049
-  _globals['_EXPORTFORMAT']._serialized_start=2051
-  _globals['_EXPORTFORMAT']._serialized_end=2173
-  _globals['_QUANTMETHOD']._serialized_start=2175
-  _globals['_QUANTMETHOD']._serialized_end=2263
-  _globals['_GRANULARITY']._serialized_start=2265
-  _globals['_GRANULARITY']._serialized_end=2391
-  _globals['_ERRORREASON']._serialized_start=2394
-  _globals['_ERRORREASON']._serialized_end=2780
+  _globals['_ARTIFACTKIND']._serialized_start=2173
+  _globals['_ARTIFACTKIND']._serialized_end=2435
+  _globals['_MODELTASK']._serialized_start=2437
+  _globals['_MODELTASK']._serialized_end=2502
+  _globals['_EXPORTFORMAT']._serialized_start=2504
+  _globals['_EXPORTFORMAT']._serialized_end=2626
+  _globals['_QUANTMETHOD']._serialized_start=2629
+  _globals['_QUANTMETHOD']._serialized_end=2788
+  _globals['_SCALESEARCH']._serialized_start=2790
+  _globals['_SCALESEARCH']._serialized_end=2909
+  _globals['_GRANULARITY']._serialized_start=2911
+  _globals['_GRANULARITY']._serialized_end=3037
+  _globals['_ERRORREASON']._serialized_start=3040
+  _globals['_ERRORREASON']._serialized_end=3426
   _globals['_ARTIFACT']._serialized_start=107
   _globals['_ARTIFACT']._serialized_end=439
   _globals['_ARTIFACT_LABELSENTRY']._serialized_start=394
@@ -60,18 +62,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LINEAGE']._serialized_end=643
   _globals['_LINEAGE_TOOLVERSIONSENTRY']._serialized_start=592
   _globals['_LINEAGE_TOOLVERSIONSENTRY']._serialized_end=643
-  _globals['_QUANTIZATIONCONFIG']._serialized_start=646
-  _globals['_QUANTIZATIONCONFIG']._serialized_end=848
-  _globals['_QUALITY']._serialized_start=850
-  _globals['_QUALITY']._serialized_end=943
-  _globals['_VALIDATION']._serialized_start=946
-  _globals['_VALIDATION']._serialized_end=1079
-  _globals['_LATENCYSTATS']._serialized_start=1081
-  _globals['_LATENCYSTATS']._serialized_end=1199
-  _globals['_BENCHMARKCONFIG']._serialized_start=1201
-  _globals['_BENCHMARKCONFIG']._serialized_end=1326
-  _globals['_MEASUREMENT']._serialized_start=1329
-  _globals['_MEASUREMENT']._serialized_end=1717
-  _globals['_MEASUREMENT_RUNTIMEVERSIONSENTRY']._serialized_start=1663
-  _globals['_MEASUREMENT_RUNTIMEVERSIONSENTRY']._serialized_end=1717
+  _globals['_GPTQOPTIONS']._serialized_start=646
+  _globals['_GPTQOPTIONS']._serialized_end=779
+  _globals['_AWQOPTIONS']._serialized_start=781
+  _globals['_AWQOPTIONS']._serialized_end=835
+  _globals['_MIXEDPRECISION']._serialized_start=837
+  _globals['_MIXEDPRECISION']._serialized_end=899
+  _globals['_QUANTIZATIONCONFIG']._serialized_start=902
+  _globals['_QUANTIZATIONCONFIG']._serialized_end=1301
+  _globals['_QUALITY']._serialized_start=1303
+  _globals['_QUALITY']._serialized_end=1396
+  _globals['_VALIDATION']._serialized_start=1399
+  _globals['_VALIDATION']._serialized_end=1532
+  _globals['_LATENCYSTATS']._serialized_start=1534
+  _globals['_LATENCYSTATS']._serialized_end=1652
+  _globals['_BENCHMARKCONFIG']._serialized_start=1654
+  _globals['_BENCHMARKCONFIG']._serialized_end=1779
+  _globals['_MEASUREMENT']._serialized_start=1782
+  _globals['_MEASUREMENT']._serialized_end=2170
+  _globals['_MEASUREMENT_RUNTIMEVERSIONSENTRY']._serialized_start=2116
+  _globals['_MEASUREMENT_RUNTIMEVERSIONSENTRY']._serialized_end=2170
 # @@protoc_insertion_point(module_scope)

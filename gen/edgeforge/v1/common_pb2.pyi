@@ -40,6 +40,16 @@ class QuantMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     QUANT_METHOD_UNSPECIFIED: _ClassVar[QuantMethod]
     QUANT_METHOD_NONE: _ClassVar[QuantMethod]
     QUANT_METHOD_RTN: _ClassVar[QuantMethod]
+    QUANT_METHOD_IMATRIX: _ClassVar[QuantMethod]
+    QUANT_METHOD_GPTQ: _ClassVar[QuantMethod]
+    QUANT_METHOD_AWQ: _ClassVar[QuantMethod]
+
+class ScaleSearch(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SCALE_SEARCH_UNSPECIFIED: _ClassVar[ScaleSearch]
+    SCALE_SEARCH_MINMAX: _ClassVar[ScaleSearch]
+    SCALE_SEARCH_PERCENTILE: _ClassVar[ScaleSearch]
+    SCALE_SEARCH_MSE: _ClassVar[ScaleSearch]
 
 class Granularity(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -83,6 +93,13 @@ EXPORT_FORMAT_REFERENCE: ExportFormat
 QUANT_METHOD_UNSPECIFIED: QuantMethod
 QUANT_METHOD_NONE: QuantMethod
 QUANT_METHOD_RTN: QuantMethod
+QUANT_METHOD_IMATRIX: QuantMethod
+QUANT_METHOD_GPTQ: QuantMethod
+QUANT_METHOD_AWQ: QuantMethod
+SCALE_SEARCH_UNSPECIFIED: ScaleSearch
+SCALE_SEARCH_MINMAX: ScaleSearch
+SCALE_SEARCH_PERCENTILE: ScaleSearch
+SCALE_SEARCH_MSE: ScaleSearch
 GRANULARITY_UNSPECIFIED: Granularity
 GRANULARITY_PER_TENSOR: Granularity
 GRANULARITY_PER_CHANNEL: Granularity
@@ -152,21 +169,59 @@ class Lineage(_message.Message):
     producer: str
     def __init__(self, inputs: _Optional[_Iterable[str]] = ..., recipe: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., tool_versions: _Optional[_Mapping[str, str]] = ..., producer: _Optional[str] = ...) -> None: ...
 
+class GptqOptions(_message.Message):
+    __slots__ = ("damp_percent", "block_size", "act_order", "sequential")
+    DAMP_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    ACT_ORDER_FIELD_NUMBER: _ClassVar[int]
+    SEQUENTIAL_FIELD_NUMBER: _ClassVar[int]
+    damp_percent: float
+    block_size: int
+    act_order: bool
+    sequential: bool
+    def __init__(self, damp_percent: _Optional[float] = ..., block_size: _Optional[int] = ..., act_order: _Optional[bool] = ..., sequential: _Optional[bool] = ...) -> None: ...
+
+class AwqOptions(_message.Message):
+    __slots__ = ("grid", "clip")
+    GRID_FIELD_NUMBER: _ClassVar[int]
+    CLIP_FIELD_NUMBER: _ClassVar[int]
+    grid: int
+    clip: bool
+    def __init__(self, grid: _Optional[int] = ..., clip: _Optional[bool] = ...) -> None: ...
+
+class MixedPrecision(_message.Message):
+    __slots__ = ("options", "max_bits_per_weight")
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BITS_PER_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    options: _containers.RepeatedScalarFieldContainer[str]
+    max_bits_per_weight: float
+    def __init__(self, options: _Optional[_Iterable[str]] = ..., max_bits_per_weight: _Optional[float] = ...) -> None: ...
+
 class QuantizationConfig(_message.Message):
-    __slots__ = ("method", "gguf_type", "bits", "granularity", "group_size", "symmetric")
+    __slots__ = ("method", "gguf_type", "bits", "granularity", "group_size", "symmetric", "scale", "percentile", "gptq", "awq", "mixed_precision")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     GGUF_TYPE_FIELD_NUMBER: _ClassVar[int]
     BITS_FIELD_NUMBER: _ClassVar[int]
     GRANULARITY_FIELD_NUMBER: _ClassVar[int]
     GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
     SYMMETRIC_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    PERCENTILE_FIELD_NUMBER: _ClassVar[int]
+    GPTQ_FIELD_NUMBER: _ClassVar[int]
+    AWQ_FIELD_NUMBER: _ClassVar[int]
+    MIXED_PRECISION_FIELD_NUMBER: _ClassVar[int]
     method: QuantMethod
     gguf_type: str
     bits: int
     granularity: Granularity
     group_size: int
     symmetric: bool
-    def __init__(self, method: _Optional[_Union[QuantMethod, str]] = ..., gguf_type: _Optional[str] = ..., bits: _Optional[int] = ..., granularity: _Optional[_Union[Granularity, str]] = ..., group_size: _Optional[int] = ..., symmetric: _Optional[bool] = ...) -> None: ...
+    scale: ScaleSearch
+    percentile: float
+    gptq: GptqOptions
+    awq: AwqOptions
+    mixed_precision: MixedPrecision
+    def __init__(self, method: _Optional[_Union[QuantMethod, str]] = ..., gguf_type: _Optional[str] = ..., bits: _Optional[int] = ..., granularity: _Optional[_Union[Granularity, str]] = ..., group_size: _Optional[int] = ..., symmetric: _Optional[bool] = ..., scale: _Optional[_Union[ScaleSearch, str]] = ..., percentile: _Optional[float] = ..., gptq: _Optional[_Union[GptqOptions, _Mapping]] = ..., awq: _Optional[_Union[AwqOptions, _Mapping]] = ..., mixed_precision: _Optional[_Union[MixedPrecision, _Mapping]] = ...) -> None: ...
 
 class Quality(_message.Message):
     __slots__ = ("metric", "value", "baseline", "delta_pct", "tokens")

@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from edgeforge.v1 import common_pb2 as edgeforge_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x65\x64geforge/v1/compressor.proto\x12\x0c\x65\x64geforge.v1\x1a\x19\x65\x64geforge/v1/common.proto\"$\n\x12ImportModelRequest\x12\x0e\n\x06source\x18\x01 \x01(\t\"k\n\x13ImportModelResponse\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.edgeforge.v1.Artifact\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x17\n\x0fparameter_count\x18\x03 \x01(\x03\"s\n\x0f\x43ompressRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x36\n\x0cquantization\x18\x02 \x01(\x0b\x32 .edgeforge.v1.QuantizationConfig\x12\x19\n\x11\x63\x61libration_stats\x18\x03 \x01(\t\"G\n\x0cTensorReport\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04grid\x18\x02 \x01(\t\x12\x0b\n\x03mse\x18\x03 \x01(\x01\x12\x0e\n\x06snr_db\x18\x04 \x01(\x01\"\x9b\x01\n\x10\x43ompressResponse\x12*\n\ncompressed\x18\x01 \x01(\x0b\x32\x16.edgeforge.v1.Artifact\x12+\n\x07tensors\x18\x02 \x03(\x0b\x32\x1a.edgeforge.v1.TensorReport\x12\x15\n\rpayload_bytes\x18\x03 \x01(\x03\x12\x17\n\x0f\x62its_per_weight\x18\x04 \x01(\x01\x32\xab\x01\n\nCompressor\x12R\n\x0bImportModel\x12 .edgeforge.v1.ImportModelRequest\x1a!.edgeforge.v1.ImportModelResponse\x12I\n\x08\x43ompress\x12\x1d.edgeforge.v1.CompressRequest\x1a\x1e.edgeforge.v1.CompressResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x65\x64geforge/v1/compressor.proto\x12\x0c\x65\x64geforge.v1\x1a\x19\x65\x64geforge/v1/common.proto\"$\n\x12ImportModelRequest\x12\x0e\n\x06source\x18\x01 \x01(\t\"k\n\x13ImportModelResponse\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.edgeforge.v1.Artifact\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x17\n\x0fparameter_count\x18\x03 \x01(\x03\"\x87\x02\n\x0f\x43ompressRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x36\n\x0cquantization\x18\x02 \x01(\x0b\x32 .edgeforge.v1.QuantizationConfig\x12\x19\n\x11\x63\x61libration_stats\x18\x03 \x01(\t\x12\x33\n\tpre_steps\x18\x04 \x03(\x0b\x32 .edgeforge.v1.QuantizationConfig\x12\x1b\n\x13\x63\x61libration_dataset\x18\x05 \x01(\t\x12\x1b\n\x13\x63\x61libration_samples\x18\x06 \x01(\x05\x12#\n\x1b\x63\x61libration_sequence_length\x18\x07 \x01(\x05\"v\n\x0cTensorReport\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04grid\x18\x02 \x01(\t\x12\x0b\n\x03mse\x18\x03 \x01(\x01\x12\x0e\n\x06snr_db\x18\x04 \x01(\x01\x12\x17\n\x0f\x62its_per_weight\x18\x05 \x01(\x01\x12\x14\n\x0coutput_error\x18\x06 \x01(\x01\"\xbc\x01\n\x10\x43ompressResponse\x12*\n\ncompressed\x18\x01 \x01(\x0b\x32\x16.edgeforge.v1.Artifact\x12+\n\x07tensors\x18\x02 \x03(\x0b\x32\x1a.edgeforge.v1.TensorReport\x12\x15\n\rpayload_bytes\x18\x03 \x01(\x03\x12\x17\n\x0f\x62its_per_weight\x18\x04 \x01(\x01\x12\x0f\n\x07seconds\x18\x05 \x01(\x01\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t2\xab\x01\n\nCompressor\x12R\n\x0bImportModel\x12 .edgeforge.v1.ImportModelRequest\x1a!.edgeforge.v1.ImportModelResponse\x12I\n\x08\x43ompress\x12\x1d.edgeforge.v1.CompressRequest\x1a\x1e.edgeforge.v1.CompressResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,12 +37,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_IMPORTMODELREQUEST']._serialized_end=110
   _globals['_IMPORTMODELRESPONSE']._serialized_start=112
   _globals['_IMPORTMODELRESPONSE']._serialized_end=219
-  _globals['_COMPRESSREQUEST']._serialized_start=221
-  _globals['_COMPRESSREQUEST']._serialized_end=336
-  _globals['_TENSORREPORT']._serialized_start=338
-  _globals['_TENSORREPORT']._serialized_end=409
-  _globals['_COMPRESSRESPONSE']._serialized_start=412
-  _globals['_COMPRESSRESPONSE']._serialized_end=567
-  _globals['_COMPRESSOR']._serialized_start=570
-  _globals['_COMPRESSOR']._serialized_end=741
+  _globals['_COMPRESSREQUEST']._serialized_start=222
+  _globals['_COMPRESSREQUEST']._serialized_end=485
+  _globals['_TENSORREPORT']._serialized_start=487
+  _globals['_TENSORREPORT']._serialized_end=605
+  _globals['_COMPRESSRESPONSE']._serialized_start=608
+  _globals['_COMPRESSRESPONSE']._serialized_end=796
+  _globals['_COMPRESSOR']._serialized_start=799
+  _globals['_COMPRESSOR']._serialized_end=970
 # @@protoc_insertion_point(module_scope)

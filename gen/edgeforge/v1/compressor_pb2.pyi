@@ -25,35 +25,51 @@ class ImportModelResponse(_message.Message):
     def __init__(self, model: _Optional[_Union[_common_pb2.Artifact, _Mapping]] = ..., architecture: _Optional[str] = ..., parameter_count: _Optional[int] = ...) -> None: ...
 
 class CompressRequest(_message.Message):
-    __slots__ = ("model", "quantization", "calibration_stats")
+    __slots__ = ("model", "quantization", "calibration_stats", "pre_steps", "calibration_dataset", "calibration_samples", "calibration_sequence_length")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
     CALIBRATION_STATS_FIELD_NUMBER: _ClassVar[int]
+    PRE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_DATASET_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_SEQUENCE_LENGTH_FIELD_NUMBER: _ClassVar[int]
     model: str
     quantization: _common_pb2.QuantizationConfig
     calibration_stats: str
-    def __init__(self, model: _Optional[str] = ..., quantization: _Optional[_Union[_common_pb2.QuantizationConfig, _Mapping]] = ..., calibration_stats: _Optional[str] = ...) -> None: ...
+    pre_steps: _containers.RepeatedCompositeFieldContainer[_common_pb2.QuantizationConfig]
+    calibration_dataset: str
+    calibration_samples: int
+    calibration_sequence_length: int
+    def __init__(self, model: _Optional[str] = ..., quantization: _Optional[_Union[_common_pb2.QuantizationConfig, _Mapping]] = ..., calibration_stats: _Optional[str] = ..., pre_steps: _Optional[_Iterable[_Union[_common_pb2.QuantizationConfig, _Mapping]]] = ..., calibration_dataset: _Optional[str] = ..., calibration_samples: _Optional[int] = ..., calibration_sequence_length: _Optional[int] = ...) -> None: ...
 
 class TensorReport(_message.Message):
-    __slots__ = ("name", "grid", "mse", "snr_db")
+    __slots__ = ("name", "grid", "mse", "snr_db", "bits_per_weight", "output_error")
     NAME_FIELD_NUMBER: _ClassVar[int]
     GRID_FIELD_NUMBER: _ClassVar[int]
     MSE_FIELD_NUMBER: _ClassVar[int]
     SNR_DB_FIELD_NUMBER: _ClassVar[int]
+    BITS_PER_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_ERROR_FIELD_NUMBER: _ClassVar[int]
     name: str
     grid: str
     mse: float
     snr_db: float
-    def __init__(self, name: _Optional[str] = ..., grid: _Optional[str] = ..., mse: _Optional[float] = ..., snr_db: _Optional[float] = ...) -> None: ...
+    bits_per_weight: float
+    output_error: float
+    def __init__(self, name: _Optional[str] = ..., grid: _Optional[str] = ..., mse: _Optional[float] = ..., snr_db: _Optional[float] = ..., bits_per_weight: _Optional[float] = ..., output_error: _Optional[float] = ...) -> None: ...
 
 class CompressResponse(_message.Message):
-    __slots__ = ("compressed", "tensors", "payload_bytes", "bits_per_weight")
+    __slots__ = ("compressed", "tensors", "payload_bytes", "bits_per_weight", "seconds", "device")
     COMPRESSED_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     BITS_PER_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
     compressed: _common_pb2.Artifact
     tensors: _containers.RepeatedCompositeFieldContainer[TensorReport]
     payload_bytes: int
     bits_per_weight: float
-    def __init__(self, compressed: _Optional[_Union[_common_pb2.Artifact, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[TensorReport, _Mapping]]] = ..., payload_bytes: _Optional[int] = ..., bits_per_weight: _Optional[float] = ...) -> None: ...
+    seconds: float
+    device: str
+    def __init__(self, compressed: _Optional[_Union[_common_pb2.Artifact, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[TensorReport, _Mapping]]] = ..., payload_bytes: _Optional[int] = ..., bits_per_weight: _Optional[float] = ..., seconds: _Optional[float] = ..., device: _Optional[str] = ...) -> None: ...

@@ -2,6 +2,7 @@
 import datetime
 
 from edgeforge.v1 import common_pb2 as _common_pb2
+from edgeforge.v1 import compressor_pb2 as _compressor_pb2
 from google.longrunning import operations_pb2 as _operations_pb2
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -167,14 +168,16 @@ class Constraints(_message.Message):
     def __init__(self, max_size_bytes: _Optional[int] = ..., max_p90_latency_ms: _Optional[float] = ..., max_quality_loss_pct: _Optional[float] = ...) -> None: ...
 
 class Candidate(_message.Message):
-    __slots__ = ("id", "format", "quantization")
+    __slots__ = ("id", "format", "quantization", "recipe")
     ID_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
+    RECIPE_FIELD_NUMBER: _ClassVar[int]
     id: str
     format: _common_pb2.ExportFormat
     quantization: _common_pb2.QuantizationConfig
-    def __init__(self, id: _Optional[str] = ..., format: _Optional[_Union[_common_pb2.ExportFormat, str]] = ..., quantization: _Optional[_Union[_common_pb2.QuantizationConfig, _Mapping]] = ...) -> None: ...
+    recipe: _containers.RepeatedCompositeFieldContainer[_common_pb2.QuantizationConfig]
+    def __init__(self, id: _Optional[str] = ..., format: _Optional[_Union[_common_pb2.ExportFormat, str]] = ..., quantization: _Optional[_Union[_common_pb2.QuantizationConfig, _Mapping]] = ..., recipe: _Optional[_Iterable[_Union[_common_pb2.QuantizationConfig, _Mapping]]] = ...) -> None: ...
 
 class BuildProgress(_message.Message):
     __slots__ = ("build", "stage", "candidate_id", "percent", "message", "update_time")
@@ -193,7 +196,7 @@ class BuildProgress(_message.Message):
     def __init__(self, build: _Optional[str] = ..., stage: _Optional[_Union[BuildStage, str]] = ..., candidate_id: _Optional[str] = ..., percent: _Optional[float] = ..., message: _Optional[str] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class CandidateResult(_message.Message):
-    __slots__ = ("id", "format", "recipe", "compressed_artifact", "artifact", "size_bytes", "quality", "validation", "error")
+    __slots__ = ("id", "format", "recipe", "compressed_artifact", "artifact", "size_bytes", "quality", "validation", "error", "tensors", "bits_per_weight", "compress_seconds")
     ID_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     RECIPE_FIELD_NUMBER: _ClassVar[int]
@@ -203,6 +206,9 @@ class CandidateResult(_message.Message):
     QUALITY_FIELD_NUMBER: _ClassVar[int]
     VALIDATION_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    BITS_PER_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    COMPRESS_SECONDS_FIELD_NUMBER: _ClassVar[int]
     id: str
     format: _common_pb2.ExportFormat
     recipe: _struct_pb2.Struct
@@ -212,7 +218,10 @@ class CandidateResult(_message.Message):
     quality: _common_pb2.Quality
     validation: _common_pb2.Validation
     error: _status_pb2.Status
-    def __init__(self, id: _Optional[str] = ..., format: _Optional[_Union[_common_pb2.ExportFormat, str]] = ..., recipe: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., compressed_artifact: _Optional[str] = ..., artifact: _Optional[str] = ..., size_bytes: _Optional[int] = ..., quality: _Optional[_Union[_common_pb2.Quality, _Mapping]] = ..., validation: _Optional[_Union[_common_pb2.Validation, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
+    tensors: _containers.RepeatedCompositeFieldContainer[_compressor_pb2.TensorReport]
+    bits_per_weight: float
+    compress_seconds: float
+    def __init__(self, id: _Optional[str] = ..., format: _Optional[_Union[_common_pb2.ExportFormat, str]] = ..., recipe: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., compressed_artifact: _Optional[str] = ..., artifact: _Optional[str] = ..., size_bytes: _Optional[int] = ..., quality: _Optional[_Union[_common_pb2.Quality, _Mapping]] = ..., validation: _Optional[_Union[_common_pb2.Validation, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[_compressor_pb2.TensorReport, _Mapping]]] = ..., bits_per_weight: _Optional[float] = ..., compress_seconds: _Optional[float] = ...) -> None: ...
 
 class DeviceCandidate(_message.Message):
     __slots__ = ("candidate_id", "measurement", "status", "rejected_by", "error")

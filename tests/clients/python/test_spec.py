@@ -97,7 +97,7 @@ def test_minimal_spec_gets_defaults(base):
            "evaluation": {"text_file": "data/eval.txt"}, "targets": [{"device": "devices/x"}]}
     spec = parse(raw, base).spec
     assert spec.model.task == common_pb2.MODEL_TASK_CAUSAL_LM
-    assert (spec.calibration.samples, spec.calibration.sequence_length) == (64, 512)
+    assert (spec.calibration.samples, spec.calibration.sequence_length) == (128, 512)
     assert (spec.evaluation.max_tokens, spec.evaluation.window_tokens) == (4096, 512)
     assert spec.objective == coordinator_pb2.OBJECTIVE_BEST_QUALITY
     assert not spec.candidates and not spec.constraints.HasField("max_size_bytes")
@@ -147,16 +147,47 @@ def test_bad_enum_values_suggest(base, changes, field, hint):
 
 @pytest.mark.parametrize("quantization, field", [
     ({"bits": 9, "granularity": "per_channel"}, "candidates[0].quantization.bits"),
-    ({"bits": 4, "granularity": "per_group", "group_size": 100}, "candidates[0].quantization.group_size"),
+    ({"bits": 4, "granularity": "per_group", "group_size": 1}, "candidates[0].quantization.group_size"),
     ({"bits": 8, "granularity": "per_channel", "group_size": 32}, "candidates[0].quantization.group_size"),
     ({"bits": 8}, "candidates[0].quantization.granularity"),
-    ({"type": "q4_k"}, "candidates[0].quantization.type"),
+    ({"type": "q4_k_s"}, "candidates[0].quantization.type"),
+    ({"type": "q4_k", "scale": "mse"}, "candidates[0].quantization.type"),
+    ({"bits": 4, "granularity": "per_group", "group_size": 64}, "candidates[0].quantization"),   # gguf needs a type
+    ({"type": "q4_0", "method": "gptq", "gptq": {"damp_percent": 2.0}}, "candidates[0].quantization.gptq.damp_percent"),
+    ({"type": "q4_0", "method": "gptq", "gptq": {"damp": 0.1}}, "candidates[0].quantization.gptq.damp"),
+    ({"type": "q4_k", "method": "awq", "mixed_precision": {"options": ["q4_k", "q6_k"], "max_bits_per_weight": 5}},
+     "candidates[0].quantization.mixed_precision"),
+    ({"type": "q4_k", "method": "gptq", "mixed_precision": {"options": ["q4_k", "int4"], "max_bits_per_weight": 5}},
+     "candidates[0].quantization.mixed_precision.options"),
     ({"type": "f16", "method": "rtn"}, "candidates[0].quantization.method"),
-    ({"method": "gptq", "bits": 4}, "candidates[0].quantization.method"),
+    ({"method": "gptq", "bits": 4}, "candidates[0].quantization.granularity"),
+    ({"method": "imatrix", "type": "f16"}, "candidates[0].quantization.method"),
 ])
 def test_bad_quantization_values(base, quantization, field):
     raw = _raw(candidates=[{"format": "gguf", "quantization": quantization}])
     assert _error(raw, base).field == field
+
+
+def test_unknown_method_suggests(base):
+    raw = _raw(candidates=[{"format": "gguf", "quantization": {"type": "q4_0", "method": "gtpq"}}])
+    error = _error(raw, base)
+    assert error.field == "candidates[0].quantization.method" and "did you mean 'gptq'" in str(error)
+
+
+def test_recipe_list_parses_into_steps(base):
+    raw = _raw(candidates=[{"format": "gguf", "recipe": [{"method": "awq", "type": "q4_k"},
+                                                         {"method": "gptq", "type": "q4_k",
+                                                          "gptq": {"act_order": False}}]}])
+    spec = parse(raw, base).spec
+    steps = spec.candidates[0].recipe
+    assert [step.gguf_type for step in steps] == ["q4_k", "q4_k"]
+    assert steps[1].gptq.HasField("act_order") and steps[1].gptq.act_order is False
+    assert not spec.candidates[0].HasField("quantization")
+
+
+def test_quantization_and_recipe_together_rejected(base):
+    raw = _raw(candidates=[{"format": "gguf", "quantization": {"type": "q4_0"}, "recipe": [{"type": "q4_0"}]}])
+    assert _error(raw, base).field == "candidates[0].recipe"
 
 
 def test_onnx_with_gguf_block_type(base):

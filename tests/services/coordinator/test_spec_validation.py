@@ -74,7 +74,7 @@ def test_empty_candidates_become_the_five_defaults(store, artifacts):
 def test_defaults_are_filled(store, artifacts):
     filled, _ = validate(_spec(artifacts), store)
     assert filled.model.task == common_pb2.MODEL_TASK_CAUSAL_LM
-    assert (filled.calibration.samples, filled.calibration.sequence_length) == (64, 512)
+    assert (filled.calibration.samples, filled.calibration.sequence_length) == (128, 512)
     assert (filled.evaluation.max_tokens, filled.evaluation.window_tokens) == (4096, 512)
     assert (filled.benchmark.prompt_tokens, filled.benchmark.generation_tokens) == (128, 32)
     assert (filled.benchmark.warmup_runs, filled.benchmark.timed_runs) == (1, 5)
@@ -172,10 +172,14 @@ def test_onnx_f16_rejected_and_reference_format_rejected(store, artifacts):
 
 @pytest.mark.parametrize("quantization, field", [
     (dict(method=RTN, bits=9, granularity=common_pb2.GRANULARITY_PER_CHANNEL), "quantization.bits"),
-    (dict(method=RTN, bits=4, granularity=common_pb2.GRANULARITY_PER_GROUP, group_size=100),
+    (dict(method=RTN, bits=4, granularity=common_pb2.GRANULARITY_PER_GROUP, group_size=1),
      "quantization.group_size"),
     (dict(method=RTN, bits=4, granularity=42), "quantization.granularity"),
-    (dict(method=RTN, gguf_type="q3_k"), "quantization.type"),
+    (dict(method=RTN, gguf_type="q3_k"), "quantization.type"),          # a GGUF type on an onnx candidate
+    (dict(method=RTN, gguf_type="iq4_nl"), "quantization.type"),
+    (dict(method=77, bits=4, granularity=common_pb2.GRANULARITY_PER_CHANNEL), "quantization.method"),
+    (dict(method=common_pb2.QUANT_METHOD_GPTQ, bits=4, granularity=common_pb2.GRANULARITY_PER_CHANNEL,
+          gptq=common_pb2.GptqOptions(block_size=-1)), "quantization.gptq.block_size"),
 ])
 def test_bad_quantization_fields_are_prefixed_with_the_candidate(store, artifacts, quantization, field):
     spec = _spec(artifacts)
@@ -201,6 +205,32 @@ def test_explicit_candidates_plan(store, artifacts):
     assert planned[1].recipe()["quantization"] == {"method": "rtn", "bits": 4, "granularity": "per_group",
                                                    "symmetric": False, "group_size": 64}
     assert len(filled.candidates) == 3                                      # no defaults added
+
+
+def test_recipe_candidates_plan_pre_steps(store, artifacts):
+    spec = _spec(artifacts)
+    awq = common_pb2.QuantizationConfig(method=common_pb2.QUANT_METHOD_AWQ, gguf_type="q4_k")
+    gptq = common_pb2.QuantizationConfig(method=common_pb2.QUANT_METHOD_GPTQ, gguf_type="q4_k")
+    spec.candidates.add(format=GGUF, recipe=[awq, gptq])
+    spec.candidates.add(format=GGUF, quantization=gptq)
+    _, planned = validate(spec, store)
+    assert [c.id for c in planned] == ["gguf-q4_k-awq+gptq", "gguf-q4_k-gptq"]
+    assert [s.method.value for s in planned[0].pre_steps] == ["awq"] and planned[0].quantization.method.value == "gptq"
+    assert [step["method"] for step in planned[0].recipe()["recipe"]] == ["awq", "gptq"]
+
+
+@pytest.mark.parametrize("steps, field", [
+    ([dict(method=common_pb2.QUANT_METHOD_GPTQ, gguf_type="q4_k"), dict(method=RTN, gguf_type="q4_k")],
+     "candidates[0].recipe[0].method"),                               # only AWQ may precede the last step
+    ([dict(method=common_pb2.QUANT_METHOD_AWQ, gguf_type="q4_0"), dict(method=RTN, gguf_type="q4_k")],
+     "candidates[0].recipe[0]"),                                      # AWQ searched for another grid
+    ([dict(method=common_pb2.QUANT_METHOD_AWQ, gguf_type="q4_0"), dict(method=RTN, gguf_type="q9_0")],
+     "candidates[0].recipe[1].type"),
+])
+def test_bad_recipes_name_the_step(store, artifacts, steps, field):
+    spec = _spec(artifacts)
+    spec.candidates.add(format=GGUF, recipe=[common_pb2.QuantizationConfig(**step) for step in steps])
+    assert _invalid(spec, store).field == field
 
 
 @pytest.mark.parametrize("quantization", [
