@@ -47,6 +47,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "gen")]
+
+from clients.agent.profile import cpu_model  # noqa: E402  (after the path set-up)
 SHA = "0" * 64
 LAYER_TOKENS = (16, 512)                 # calibration samples × tokens for the per-layer Hessians
 MODEL_TOKENS = (32, 512)                 # for the whole-model run (bench/quality.py's default)
@@ -292,7 +294,7 @@ def main() -> None:
     load["after_layers"] = os.getloadavg()
     model = None if args.skip_model else child(["model"], args.threads)
     load["after_model"] = os.getloadavg()
-    result = {"machine": {"cpu": _cpu(), "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
+    result = {"machine": {"cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
                           "threads": args.threads, "load_average": load},
               "model": "SmolLM2-135M-Instruct, float32 from the packaged Q4_1 GGUF", "repeat": args.repeat,
               "layers": layers, "whole_model": model}
@@ -302,12 +304,6 @@ def main() -> None:
     print(f"load average (1 min): {load['before'][0]:.2f} before, {load['after_layers'][0]:.2f} after (a), "
           f"{load['after_model'][0]:.2f} after (b); wrote {args.out}")
 
-
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -40,6 +40,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "gen")]
 
+from clients.agent.profile import cpu_model  # noqa: E402  (after the path set-up)
+
 import numpy as np  # noqa: E402
 
 ASSETS = ROOT / ".edgeforge-assets" / "models" / "smollm2-fp32"
@@ -299,7 +301,7 @@ def report(args, config, sizes, generate_s, io_floor_s, compress_step, export_st
     memory = {line.split(":")[0]: line.split(":")[1].strip() for line in Path("/proc/meminfo").read_text().splitlines()
               if line.startswith("MemTotal")}
     return {
-        "machine": {"cpu": _cpu(), "cores": len(os.sched_getaffinity(0)), "memory": memory.get("MemTotal"),
+        "machine": {"cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)), "memory": memory.get("MemTotal"),
                     "python": platform.python_version(), "numpy": np.__version__,
                     "load_average_at_end": os.getloadavg()},          # other work on the host slows every step
         "model": {"shape": {k: v for k, v in config.to_hf().items() if isinstance(v, int) and not isinstance(v, bool)},
@@ -312,12 +314,6 @@ def report(args, config, sizes, generate_s, io_floor_s, compress_step, export_st
         "peak_rss_limit_bytes": 2 << 30,
         "within_limit": max(compress_step["peak_rss_bytes"], export_step["peak_rss_bytes"]) < 2 << 30}
 
-
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 if __name__ == "__main__":

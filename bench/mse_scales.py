@@ -42,6 +42,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "gen")]
 
+from clients.agent.profile import cpu_model  # noqa: E402  (after the path set-up)
+
 import numpy as np  # noqa: E402
 
 from shared.quant.codecs import MSE_FACTORS  # noqa: E402
@@ -239,7 +241,7 @@ def main() -> None:
           "optimal; total squared weight error vs min/max with the wide and the seed's search. "
           "*g128: down_proj only (576 is not a multiple of 128).")
     print(f"{seconds:.0f} s, {args.threads} thread(s), load average {load_before[0]:.2f} → {os.getloadavg()[0]:.2f}")
-    result = {"machine": {"cpu": _cpu(), "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
+    result = {"machine": {"cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
                           "torch_threads": torch.get_num_threads(), "load_average_before": load_before,
                           "load_average_after": os.getloadavg()},
               "model": "SmolLM2-135M-Instruct, float32 from the packaged GGUF (linears Q4_1 g32, embedding Q8_0 g32)",
@@ -251,12 +253,6 @@ def main() -> None:
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
 
-
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "gen")]
+
+from clients.agent.profile import cpu_model  # noqa: E402  (after the path set-up)
 FTYPES = {"q8_0": 7, "q4_0": 2}
 SHA = "0" * 64
 
@@ -107,7 +109,7 @@ def main() -> None:
                          "ours_peak_rss_bytes": max(r for _, r in our_runs), "import_peak_rss_bytes": import_rss,
                          "identical_tensors": same, "tensors": total,
                          "bytes": {"ours": ours.stat().st_size, "llama_cpp": theirs.stat().st_size}})
-    result = {"machine": {"cpu": _cpu(), "cores": len(os.sched_getaffinity(0)), "python": platform.python_version()},
+    result = {"machine": {"cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)), "python": platform.python_version()},
               "model": "SmolLM2-135M-Instruct (F16 GGUF input)", "repeat": args.repeat, "import_s": import_s,
               "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -121,12 +123,6 @@ def main() -> None:
               f"{r['import_peak_rss_bytes'] / 2**20:>8.0f} MiB  {r['identical_tensors']}/{r['tensors']}")
     print(f"wrote {args.out}")
 
-
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "gen"), str(ROOT / "bench")]
 
+from clients.agent.profile import cpu_model  # noqa: E402  (after the path set-up)
+
 import numpy as np  # noqa: E402
 
 SHA = "0" * 64
@@ -127,7 +129,7 @@ def main() -> None:
         row["mweights_per_s"] = count / row["seconds"] / 1e6
         row["x_memcpy_time"] = row["seconds"] / memcpy_s
     llama_best = min(r["seconds"] for r in rows if r["step"].startswith("llama.cpp: F16") and r["threads"] == cores)
-    result = {"machine": {"cpu": _cpu(), "cores": cores, "python": platform.python_version(), "numpy": np.__version__},
+    result = {"machine": {"cpu": cpu_model(), "cores": cores, "python": platform.python_version(), "numpy": np.__version__},
               "model": {"shape": {k: v for k, v in shape.to_hf().items()
                                   if isinstance(v, int) and not isinstance(v, bool)},
                         "weights_2d": int(count), "float32_bytes": int(f32_bytes)},
@@ -142,12 +144,6 @@ def main() -> None:
     print(f"compress() / llama.cpp (F16 input, {cores} threads): {result['compress_over_llama_cpp_f16']:.2f}x the time")
     print(f"wrote {args.out}")
 
-
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ def _os_release() -> dict[str, str]:
     return {k: v.strip().strip('"') for k, v in pairs}
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
         for line in cpuinfo.read_text(errors="replace").splitlines():
@@ -58,7 +58,7 @@ def detect(labels: dict[str, str] | None = None) -> dict[str, str]:
         "os_name": release.get("PRETTY_NAME", platform.platform()),
         "kernel": platform.release(),
         "arch": _arch(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cores": str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()),
         "ram_bytes": str(_ram_bytes()),
         "python": platform.python_version(),

@@ -56,6 +56,9 @@ class CompressorServicer(compressor_pb2_grpc.CompressorServicer):
                 shutil.rmtree(work, ignore_errors=True)
         elif bundle.is_bundle(path):
             model, _ = open_model(self.access, request.source, field="source")   # validates config and tensors
+            for name in model.tensor_names():             # and every value, chunk by chunk: NaN/Inf is refused
+                for _ in model.row_chunks(name):          # here, not halfway through a long compression
+                    pass
             config, record = model.config, source
         else:
             raise InvalidArgument(f"source {request.source} ({source.display_name}) is neither a GGUF file "
@@ -68,7 +71,11 @@ class CompressorServicer(compressor_pb2_grpc.CompressorServicer):
     def Compress(self, request: compressor_pb2.CompressRequest, context) -> compressor_pb2.CompressResponse:
         recipe = quantization_from_proto(request.quantization)
         pre_steps = tuple(quantization_from_proto(step, f"pre_steps[{i}]") for i, step in enumerate(request.pre_steps))
-        steps = check_steps([*pre_steps, recipe])
+        try:
+            steps = check_steps([*pre_steps, recipe])
+        except InvalidArgument as error:                  # the RPC's steps are pre_steps[i] + quantization
+            field = (error.field or "").replace("recipe[", "pre_steps[")
+            raise InvalidArgument(error.message.replace("recipe step", "pre_steps"), reason=error.reason, field=field)
         model, model_sha = open_model(self.access, request.model)
         calibration = Calibration()
         if request.calibration_stats and (recipe.calibrated or any(s.calibrated for s in pre_steps)):

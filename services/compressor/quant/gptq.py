@@ -87,8 +87,15 @@ def _empty_codes(codec: Codec, fit: Fit, k: int, rows: int, device) -> torch.Ten
 
 
 def gptq(W: torch.Tensor, H: torch.Tensor, grid: Grid, options: GptqOptions = GptqOptions(),
-         name: str = "weight") -> GptqResult:
-    """Quantizes W (rows, columns) with its input Hessian H (columns, columns)."""
+         name: str = "weight", weighted_scales: bool | None = None) -> GptqResult:
+    """Quantizes W (rows, columns) with its input Hessian H (columns, columns).
+
+    weighted_scales: fit each group's scale by the search weighted with diag(H) (= E[x²], the
+    importance) instead of the grid's own rule. Default: on for generic grids, where it cut the layer
+    output error to 0.62–0.67× at 3 bits and 0.8–0.9× at 4 bits on SmolLM2; off for GGUF types, whose
+    llama.cpp scale rules did as well or better under GPTQ (0.9–1.26×)."""
+    if weighted_scales is None:
+        weighted_scales = not grid.gguf_type
     rows, columns = W.shape
     grid.check_shape(rows, columns, name)
     device = W.device
@@ -99,10 +106,14 @@ def gptq(W: torch.Tensor, H: torch.Tensor, grid: Grid, options: GptqOptions = Gp
     nblocks = columns // block
     static = options.act_order or block == columns
     fits: list[Fit | None] = [None] * nblocks
+    energy = torch.diagonal(H).cpu().numpy() if weighted_scales else None
+
+    def fit(b: int, x: np.ndarray) -> Fit:
+        return codec.fit(x, None if energy is None else energy[b * block:(b + 1) * block])
     if static:                                              # fixed before any update ("static groups")
         host = W.cpu().numpy()
         for b in range(nblocks):
-            fits[b] = codec.fit(host[:, b * block:(b + 1) * block])
+            fits[b] = fit(b, host[:, b * block:(b + 1) * block])
     perm = torch.argsort(torch.diagonal(H), descending=True) if options.act_order \
         else torch.arange(columns, device=device)
     W, H = W[:, perm], H[perm][:, perm]
@@ -125,7 +136,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, grid: Grid, options: GptqOptions = Gp
             j = natural[i1 + i]
             b, within = divmod(j, block)
             if fits[b] is None:                             # dynamic: fit at the block's first column, on
-                fits[b] = codec.fit(W1[:, i:i + block].cpu().numpy())   # updated weights (batches hold whole blocks)
+                fits[b] = fit(b, W1[:, i:i + block].cpu().numpy())   # updated weights (batches hold whole blocks)
             if b not in cached:
                 scale, offset = _fit_tensors(fits[b], device)
                 cached[b] = (scale, offset, torch.stack([_empty_codes(codec, fits[b], k, rows, device)

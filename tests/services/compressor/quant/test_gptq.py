@@ -35,7 +35,8 @@ GRIDS = [Grid(4, Granularity.PER_GROUP, 32, True), Grid(3, Granularity.PER_GROUP
 @pytest.mark.parametrize("act_order", [False, True])
 def test_fast_gptq_agrees_with_the_slow_twin(grid, act_order):
     W, H = _problem()
-    fast = gptq(torch.from_numpy(W), torch.from_numpy(H), grid, GptqOptions(act_order=act_order, block_size=32))
+    fast = gptq(torch.from_numpy(W), torch.from_numpy(H), grid, GptqOptions(act_order=act_order, block_size=32),
+                weighted_scales=False)                      # the paper's min/max group scales, as the twin
     codes, Q = gptq_reference(W, H, grid, 0.01, act_order)
     dequantized = fast.dequantized.numpy()
     # Same algorithm, different float association (float32 Cholesky vs float64 inverse): a code may flip
@@ -57,6 +58,17 @@ def test_gptq_halves_output_error_of_rtn_on_correlated_inputs(grid):
     assert result.output_error < 0.6 * rtn_error
 
 
+@pytest.mark.parametrize("bits", [3, 4])
+def test_importance_weighted_group_scales_lower_the_output_error(bits):
+    """Generic grids fit each group's scale with the diag(H)-weighted search by default."""
+    W, H = _problem(rows=128, columns=256, seed=2)
+    grid = Grid(bits, Granularity.PER_GROUP, 64, True)
+    plain = gptq(torch.from_numpy(W), torch.from_numpy(H), grid, weighted_scales=False)
+    weighted = gptq(torch.from_numpy(W), torch.from_numpy(H), grid)
+    assert weighted.output_error < plain.output_error
+    np.testing.assert_array_equal(weighted.tensor.dequantize(), weighted.dequantized.numpy())
+
+
 def test_gguf_blocks_decode_in_gguf_py():
     W, H = _problem(rows=16, columns=128)
     result = gptq(torch.from_numpy(W), torch.from_numpy(H), GGUF_GRIDS["q4_0"])
@@ -69,7 +81,7 @@ def test_act_order_keeps_natural_storage_order():
     """Static groups: each group's scales come from the original weights of that group, whatever the order."""
     W, H = _problem(rows=8, columns=128, seed=3)
     grid = Grid(4, Granularity.PER_GROUP, 32, True)
-    ordered = gptq(torch.from_numpy(W), torch.from_numpy(H), grid, GptqOptions(act_order=True))
+    ordered = gptq(torch.from_numpy(W), torch.from_numpy(H), grid, GptqOptions(act_order=True), weighted_scales=False)
     W[:, 7] = 0.0                                      # the dead channel's weights are dropped first
     np.testing.assert_array_equal(ordered.tensor.scales, quantize(W, grid).scales)
 
