@@ -71,7 +71,7 @@ def export_gguf(model, compressed_path: Path | None, out: Path, float_type: str 
         return
     with tempfile.TemporaryDirectory(dir=out.parent) as scratch:
         directory = Path(scratch) / "dequantized"
-        write_model_dir(directory, model.config, ((p.name, compressed.dequantized(p.name)) for p in compressed.plans),
+        write_model_dir(directory, model.config, ((name, compressed.dequantized(name)) for name in model.tensor_names()),
                         model.tokenizer_path.read_text(), model.tokenizer_config())
         GgufExporter().export(ExportInput(ModelDir(directory), SHA), out)
 

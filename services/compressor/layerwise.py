@@ -102,7 +102,10 @@ class LayerwiseQuantizer:
         block = blockwise.load_block(config, index, self.model.tensor, self.device)
         for step in self.steps:
             if step.method is Method.AWQ:
-                report = awq_block(block, hidden, cos, sin, lambda n: self.grids[n], step.awq, prefix)
+                options = step.awq
+                if self.final.method is Method.GPTQ:        # GPTQ compensates rounding itself; weights clipped
+                    options = dataclasses.replace(options, clip=False)   # for RTN would be its (wrong) target
+                report = awq_block(block, hidden, cos, sin, lambda n: self.grids[n], options, prefix)
                 self.report.awq[prefix] = dataclasses.asdict(report)
         attn, mlp = block.self_attn, block.mlp
         propagate_float = self.final.method is not Method.GPTQ      # AWQ/RTN: the next block sees float outputs
