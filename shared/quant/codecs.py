@@ -16,6 +16,7 @@ to exactly what a reader of the file computes. K-quant codecs live in `kquants.p
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 
 import numpy as np
@@ -34,7 +35,7 @@ class Fit:
     stored: dict[str, np.ndarray]          # what the format stores, each with leading dim rows
 
 
-class Codec:
+class Codec(abc.ABC):
     """Base: nearest-code rounding and dequantization shared by every grid."""
     grid: Grid
     block: int
@@ -44,9 +45,9 @@ class Codec:
     def qmax(self) -> int:
         return (1 << self.grid.bits) - 1
 
+    @abc.abstractmethod
     def fit(self, x: np.ndarray, weights: np.ndarray | None = None) -> Fit:
         """x: (rows, block) float32; weights: per-column importance, (block,) or (rows, block)."""
-        raise NotImplementedError
 
     def rtn(self, x: np.ndarray, weights: np.ndarray | None = None) -> tuple[Fit, np.ndarray]:
         """Reference rounding of a block: (fit, codes (rows, block) uint8)."""
@@ -76,8 +77,9 @@ class Codec:
         return codes.astype(np.float32) * s - o
 
     def encode(self, fit: Fit, codes: np.ndarray) -> np.ndarray:
-        """GGUF codecs: one block's bytes (rows, bytes_per_block). Generic grids are assembled instead."""
-        raise NotImplementedError
+        """GGUF codecs: one block's bytes (rows, bytes_per_block). Generic grids have no block bytes: their
+        codes, scales and zero points are stored as arrays (`qtensor.assemble`)."""
+        raise TypeError(f"grid {self.grid.name} has no GGUF block encoding; use shared.quant.qtensor.assemble")
 
 
 # ---------------------------------------------------------------------------------------- searches
