@@ -130,13 +130,15 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(dir=ROOT / "bench" / "results", prefix=".quality-"))
     try:
-        stats_path = work / "stats.safetensors"
-        started = time.perf_counter()
-        write_stats(stats_path, calibrate(model, calibration_text, config), {"model": SHA, "dataset": "calib.txt",
-                                                                            "samples": args.samples,
-                                                                            "sequence_length": args.sequence_length})
-        print(f"calibration: {time.perf_counter() - started:.1f}s", flush=True)
-        stats = CalibrationStats.open(stats_path)
+        stats = None
+        if "imatrix" in args.methods.split(","):         # only importance-weighted RTN reads the statistics
+            stats_path = work / "stats.safetensors"
+            started = time.perf_counter()
+            write_stats(stats_path, calibrate(model, calibration_text, config),
+                        {"model": SHA, "dataset": "calib.txt", "samples": args.samples,
+                         "sequence_length": args.sequence_length})
+            print(f"calibration: {time.perf_counter() - started:.1f}s", flush=True)
+            stats = CalibrationStats.open(stats_path)
         seqs = torch.tensor(sequences(tokenizer.encode(calibration_text[:4_000_000]), tokenizer.bos_id, config))
         if "reference" not in results:
             path = work / "reference.gguf"
