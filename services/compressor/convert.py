@@ -1,9 +1,8 @@
-"""Compressor protos <-> core dataclasses (reports); the recipe converters live in shared/quant/proto.py."""
+"""Compressor protos <-> core dataclasses (reports); recipe converters: shared/quant/proto.py."""
 from __future__ import annotations
 
 from edgeforge.v1 import compressor_pb2
 from services.compressor.compress import CompressResult
-from shared.quant.proto import quantization_from_proto, quantization_to_proto  # noqa: F401  (re-exported)
 
 
 def result_to_proto(result: CompressResult) -> list[compressor_pb2.TensorReport]:

@@ -10,7 +10,7 @@ import torch
 from edgeforge.v1 import compressor_pb2, compressor_pb2_grpc
 from services.calibrator.stats import CalibrationStats
 from services.compressor.compress import Calibration, check_steps, compress, needs_sequences
-from services.compressor.convert import quantization_from_proto, result_to_proto
+from services.compressor.convert import result_to_proto
 from shared.artifact_access import ArtifactAccess, open_model
 from shared.artifact_convert import artifact_to_proto
 from shared.errors import InvalidArgument
@@ -19,6 +19,7 @@ from shared.models import bundle
 from shared.models.bundle import ModelDir
 from shared.models.gguf_import import import_gguf, is_gguf
 from shared.quant import compressed
+from shared.quant.proto import quantization_from_proto
 from shared.store.records import ArtifactKind, Lineage
 from shared.versions import tool_versions
 

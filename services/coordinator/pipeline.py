@@ -7,11 +7,10 @@ from __future__ import annotations
 import logging
 
 from edgeforge.v1 import calibrator_pb2, common_pb2, compressor_pb2, coordinator_pb2, exporter_pb2
-from services.compressor.convert import quantization_to_proto
+from services.calibrator.stats_file import VERSION as STATS_VERSION
 from services.coordinator import benchmarks
 from services.coordinator.context import CoordinatorContext
 from services.coordinator.spec import PlannedCandidate, plan
-from services.calibrator.stats_file import VERSION as STATS_VERSION
 from services.coordinator.state import digest
 from services.exporter.base import ExportFormat
 from services.exporter.convert import format_to_proto
@@ -19,6 +18,7 @@ from shared.artifact_convert import struct
 from shared.errors import Cancelled, EdgeforgeError
 from shared.grpc_status import status_of
 from shared.quant.grids import Method
+from shared.quant.proto import quantization_to_proto
 from shared.store.records import parse_artifact_name
 
 log = logging.getLogger(__name__)

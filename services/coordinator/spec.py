@@ -9,11 +9,11 @@ from __future__ import annotations
 import dataclasses
 
 from edgeforge.v1 import common_pb2, coordinator_pb2
-from services.compressor.convert import quantization_from_proto, quantization_to_proto
 from services.exporter.base import ExportFormat
 from services.exporter.convert import format_from_proto
 from shared.errors import InvalidArgument, NotFound
 from shared.quant.grids import FLOAT_TYPES, GGUF_TYPES, Granularity, Method, QuantizationConfig
+from shared.quant.proto import quantization_from_proto, quantization_to_proto
 from shared.store.artifacts import ArtifactStore
 from shared.store.records import ArtifactKind, parse_artifact_name
 
