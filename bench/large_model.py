@@ -55,13 +55,13 @@ OUTLIER_RATE, OUTLIER_SCALE = 1e-4, 4.0
 
 def llama_config(size_bytes: int):
     """The shape described in the module docstring, with as many layers as fill `size_bytes` of fp16."""
-    from shared.models.llama_config import LlamaConfig
+    from shared.models.decoder_config import DecoderConfig
     hidden, intermediate, heads, kv_heads, vocab = 5120, 13824, 40, 8, 49152
     kv = kv_heads * hidden // heads
     per_layer = 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * intermediate + 2 * hidden
     fixed = 2 * vocab * hidden + hidden
     layers = max(1, round((size_bytes / 2 - fixed) / per_layer))
-    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+    return DecoderConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                        num_attention_heads=heads, num_key_value_heads=kv_heads, rms_norm_eps=1e-5,
                        rope_theta=500000.0, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2)
 

@@ -175,7 +175,7 @@ def summarise(result: GroupResults) -> dict:
 
 
 def run(model, bits_list: list[int], max_weights: dict[int, int]) -> list[dict]:
-    from shared.models.llama_config import is_linear_weight
+    from shared.models.decoder_config import is_linear_weight
     config = model.config
     linears = [n for n in config.tensor_shapes() if is_linear_weight(n)]
     sources = {"block linears": linears, "embedding": ["model.embed_tokens.weight"]}

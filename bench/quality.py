@@ -58,12 +58,12 @@ def recipe_steps(grid: str, method: str):
 
 def export_gguf(model, compressed_path: Path | None, out: Path, float_type: str = "f32") -> None:
     """GGUF types ship as they are; generic grids are dequantized into an F32 GGUF (fake quant)."""
-    from services.exporter.base import ExportInput
+    from services.exporter.base import ExportInput, ExportOptions
     from services.exporter.formats.gguf import GgufExporter
     from shared.models.bundle import ModelDir, write_model_dir
     from shared.quant.compressed import CompressedModel
     if compressed_path is None:
-        GgufExporter().export(ExportInput(model, SHA, float_type=float_type), out)
+        GgufExporter().export(ExportInput(model, SHA, options=ExportOptions(float_type=float_type)), out)
         return
     compressed = CompressedModel(compressed_path)
     if all(p.grid is None or p.grid.gguf_type for p in compressed.plans):

@@ -51,7 +51,7 @@ def run_child(mode: str, args: list[str]) -> None:
         assert llama_cpp.llama_model_quantize(source.encode(), out.encode(), params) == 0
         return
     from services.compressor.compress import compress
-    from services.exporter.base import ExportInput
+    from services.exporter.base import ExportInput, ExportOptions
     from services.exporter.formats.gguf import GgufExporter
     from shared.models.bundle import ModelDir
     from shared.models.gguf_import import import_gguf
@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="timed repetitions per tool (the median is reported)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "quantize_rtn.json")
     args = parser.parse_args()
-    from services.exporter.base import ExportInput
+    from services.exporter.base import ExportInput, ExportOptions
     from services.exporter.formats.gguf import GgufExporter
     from shared.assets import prepare
     from shared.models.bundle import ModelDir
@@ -92,7 +92,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=ROOT / "bench" / "results") as scratch:
         work = Path(scratch)
         f16 = work / "smollm2-f16.gguf"
-        GgufExporter().export(ExportInput(ModelDir(assets / "models" / "smollm2-fp32"), SHA, float_type="f16"), f16)
+        GgufExporter().export(ExportInput(ModelDir(assets / "models" / "smollm2-fp32"), SHA, options=ExportOptions(float_type="f16")), f16)
         import_s, import_rss = child(["--child", "import", str(f16), str(work / "from-f16")])
         for gguf_type in FTYPES:
             theirs, ours = work / f"llama-cpp-{gguf_type}.gguf", work / f"ours-{gguf_type}.gguf"

@@ -40,8 +40,8 @@ Q4_0_FTYPE = 2                      # LLAMA_FTYPE_MOSTLY_Q4_0
 
 
 def config():
-    from shared.models.llama_config import LlamaConfig
-    return LlamaConfig(vocab_size=49152, hidden_size=2048, intermediate_size=5632, num_hidden_layers=2,
+    from shared.models.decoder_config import DecoderConfig
+    return DecoderConfig(vocab_size=49152, hidden_size=2048, intermediate_size=5632, num_hidden_layers=2,
                        num_attention_heads=32, num_key_value_heads=4, rope_theta=500000.0,
                        max_position_embeddings=4096, bos_token_id=1, eos_token_id=2)
 
@@ -87,7 +87,7 @@ def main() -> None:
     args = parser.parse_args()
     import large_model
     from services.compressor.quant.rtn import quantize
-    from services.exporter.base import ExportInput
+    from services.exporter.base import ExportInput, ExportOptions
     from services.exporter.formats.gguf import GgufExporter
     from shared.models.bundle import ModelDir
     from shared.quant.grids import GGUF_GRIDS
@@ -117,7 +117,7 @@ def main() -> None:
                      "threads": WORKERS})
         for float_type in ("f16", "f32"):
             source = work / f"model-{float_type}.gguf"
-            GgufExporter().export(ExportInput(model, SHA, float_type=float_type), source)
+            GgufExporter().export(ExportInput(model, SHA, options=ExportOptions(float_type=float_type)), source)
             for threads in sorted({1, cores}):
                 seconds = sorted(child(["llama.cpp", str(source), str(work / "llama.gguf"), str(threads)])
                                  for _ in range(args.repeat))[args.repeat // 2]

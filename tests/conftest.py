@@ -37,11 +37,11 @@ def tiny_model_dir(smollm2_dir, tmp_path_factory) -> Path:
 
     import numpy as np
 
-    from shared.models.llama_config import LlamaConfig
+    from shared.models.decoder_config import DecoderConfig
     from shared.tensors.safetensors_writer import write_safetensors
     directory = tmp_path_factory.mktemp("tiny") / "tiny-llama"
     directory.mkdir()
-    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    config = DecoderConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, rope_theta=10000.0,
                          max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
     (directory / "config.json").write_text(json.dumps(config.to_hf()))

@@ -26,7 +26,7 @@ from shared.errors import InvalidArgument
 from shared.models.blockwise import (BATCH, INPUT_GROUPS, InputCapture, batches, block_prefix, embed, load_block,
                                      rotary)
 from shared.models.bundle import ModelDir
-from shared.models.llama_config import LlamaConfig
+from shared.models.decoder_config import DecoderConfig
 from shared.models.tokenizer import TextTokenizer
 
 __all__ = ["MEDIA_TYPE", "METADATA_KEY", "CalibrationStats", "CalibrationConfig", "CalibrationResult", "LinearStats",
@@ -77,7 +77,7 @@ class CalibrationResult:
                 for site, summary in self.sites for weight in site.weights]
 
 
-def model_sites(config: LlamaConfig, hessians: str = "auto") -> list[Site]:
+def model_sites(config: DecoderConfig, hessians: str = "auto") -> list[Site]:
     """Input sites of every block, in the order calibration produces them."""
     shapes = config.tensor_shapes()
     sites = []

@@ -25,7 +25,7 @@ from services.compressor.mixed import Allocation, allocate
 from services.compressor.streaming import TensorReport, measure, stream_tensors
 from shared.errors import FailedPrecondition, InvalidArgument
 from shared.models.bundle import ModelDir
-from shared.models.llama_config import is_linear_weight
+from shared.models.decoder_config import is_linear_weight
 from shared.quant import compressed
 from shared.quant.grids import Method, QuantizationConfig
 from shared.quant.qtensor import GgufTensor, QuantizedTensor

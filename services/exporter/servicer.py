@@ -6,7 +6,7 @@ import threading
 from pathlib import Path
 
 from edgeforge.v1 import common_pb2, exporter_pb2, exporter_pb2_grpc
-from services.exporter.base import ExportFormat, ExportInput
+from services.exporter.base import ExportFormat, ExportInput, ExportOptions
 from services.exporter.convert import format_from_proto, validation_to_proto
 from services.exporter.formats.gguf import GgufExporter
 from services.exporter.formats.onnx import OnnxExporter
@@ -58,7 +58,7 @@ class ExporterServicer(exporter_pb2_grpc.ExporterServicer):
             raise InvalidArgument(f"format {export_format.value} cannot be exported", field="format")
         model, model_sha = open_model(self.access, request.model)
         compressed = CompressedModel(self.access.local_path(request.compressed)) if request.compressed else None
-        source = ExportInput(model, model_sha, compressed, request.float_type or "f32")
+        source = ExportInput(model, model_sha, compressed, ExportOptions(float_type=request.float_type or "f32"))
         scratch = self.access.cache_dir / "tmp"
         scratch.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=scratch, suffix=SUFFIX[export_format], delete=False) as handle:

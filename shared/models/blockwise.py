@@ -13,7 +13,7 @@ import torch
 
 from shared.models.bundle import ModelDir
 from shared.models.llama import DecoderLayer
-from shared.models.llama_config import LlamaConfig
+from shared.models.decoder_config import DecoderConfig
 
 BATCH = 8                       # sequences per forward pass
 
@@ -22,7 +22,7 @@ def block_prefix(index: int) -> str:
     return f"model.layers.{index}."
 
 
-def load_block(config: LlamaConfig, index: int, read: Callable[[str], torch.Tensor],
+def load_block(config: DecoderConfig, index: int, read: Callable[[str], torch.Tensor],
                device: str | torch.device = "cpu") -> DecoderLayer:
     """Decoder block `index` with float32 weights from `read(hf_name)`."""
     with torch.device("meta"):
@@ -33,7 +33,7 @@ def load_block(config: LlamaConfig, index: int, read: Callable[[str], torch.Tens
     return block.eval()
 
 
-def rotary(config: LlamaConfig, tokens: int, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def rotary(config: DecoderConfig, tokens: int, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin (tokens, head_dim) as the reference computes them."""
     inv_freq = (1.0 / (config.rope_theta ** (torch.arange(0, config.head_dim, 2, dtype=torch.float64)
                                              / config.head_dim))).float()

@@ -25,7 +25,7 @@ from typing import Iterator
 import numpy as np
 
 from shared.errors import InvalidArgument
-from shared.models.llama_config import LlamaConfig, load_config
+from shared.models.decoder_config import DecoderConfig, load_config
 
 MEDIA_TYPE = "application/x-edgeforge-model+tar"
 _MEMBER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -180,7 +180,7 @@ class ModelDir:
 
     def __init__(self, path: Path):
         self.path = path
-        self.config: LlamaConfig = load_config(path / "config.json")
+        self.config: DecoderConfig = load_config(path / "config.json")
         self._index: dict[str, StoredTensor] = {}
         shards = sorted(path.glob("*.safetensors"))
         if not shards:
@@ -260,7 +260,7 @@ class ModelDir:
         return torch.from_numpy(self.array(name))
 
 
-def write_model_dir(directory: Path, config: LlamaConfig, tensors: Iterator[tuple[str, np.ndarray]],
+def write_model_dir(directory: Path, config: DecoderConfig, tensors: Iterator[tuple[str, np.ndarray]],
                     tokenizer_json: str, tokenizer_config: dict) -> None:
     """Writes a float32 HF directory: config.json, model.safetensors (streamed), tokenizer files."""
     from shared.tensors.safetensors_writer import write_safetensors

@@ -14,7 +14,7 @@ import numpy as np
 
 from shared.errors import InvalidArgument
 from shared.models.bundle import write_model_dir
-from shared.models.llama_config import LlamaConfig
+from shared.models.decoder_config import DecoderConfig
 from shared.models.tokenizer import tokenizer_json
 
 GGUF_MAGIC = b"GGUF"
@@ -37,7 +37,7 @@ def unpermute_rows(weight: np.ndarray, heads: int) -> np.ndarray:
     return weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def hf_to_gguf_names(config: LlamaConfig) -> dict[str, str]:
+def hf_to_gguf_names(config: DecoderConfig) -> dict[str, str]:
     """HF tensor name -> GGUF tensor name, from gguf-py's name table."""
     import gguf
     table = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
@@ -59,14 +59,14 @@ def _field(reader, key: str, default=None):
     return field.contents()
 
 
-def read_config(reader) -> LlamaConfig:
+def read_config(reader) -> DecoderConfig:
     arch = _field(reader, "general.architecture")
     if arch != "llama":
         raise InvalidArgument(f"GGUF architecture {arch!r} is not supported at this version (llama only)",
                               reason="UNKNOWN_MODEL_FORMAT", field="model")
     tensor_names = {t.name for t in reader.tensors}
     tokens = _field(reader, "tokenizer.ggml.tokens")
-    config = LlamaConfig(
+    config = DecoderConfig(
         vocab_size=int(_field(reader, "llama.vocab_size", len(tokens))),
         hidden_size=int(_field(reader, "llama.embedding_length")),
         intermediate_size=int(_field(reader, "llama.feed_forward_length")),
@@ -92,7 +92,7 @@ def _optional_int(reader, key: str) -> int | None:
     return int(field.contents()) if field is not None else None
 
 
-def import_gguf(path: Path, out_dir: Path) -> LlamaConfig:
+def import_gguf(path: Path, out_dir: Path) -> DecoderConfig:
     """Writes `out_dir` (config.json, model.safetensors in float32, tokenizer.json, tokenizer_config.json)."""
     import gguf
     try:

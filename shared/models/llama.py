@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from shared.errors import InvalidArgument
-from shared.models.llama_config import LlamaConfig
+from shared.models.decoder_config import DecoderConfig
 
 # ---------------------------------------------------------------- reference forward
 
@@ -33,7 +33,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: DecoderConfig):
         super().__init__()
         d, hd = config.hidden_size, config.head_dim
         self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, hd
@@ -57,7 +57,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: DecoderConfig):
         super().__init__()
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
@@ -68,7 +68,7 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: DecoderConfig):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config)
@@ -81,7 +81,7 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaBody(nn.Module):
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: DecoderConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
@@ -91,7 +91,7 @@ class LlamaBody(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """Float32 reference. Parameter names equal the HF checkpoint's tensor names."""
 
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: DecoderConfig):
         super().__init__()
         self.config = config
         self.model = LlamaBody(config)
@@ -118,7 +118,7 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(self.hidden_states(tokens))
 
 
-def build_reference(config: LlamaConfig, read_tensor: Callable[[str], torch.Tensor]) -> LlamaForCausalLM:
+def build_reference(config: DecoderConfig, read_tensor: Callable[[str], torch.Tensor]) -> LlamaForCausalLM:
     """Builds the reference with weights from `read_tensor(hf_name) -> float32 tensor`."""
     with torch.device("meta"):
         model = LlamaForCausalLM(config)

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import re
 
-from shared.models.llama_config import LlamaConfig, is_linear_weight
+from shared.models.decoder_config import DecoderConfig, is_linear_weight
 from shared.quant.grids import GGUF_BLOCKS, GGUF_GRIDS, Grid, QuantizationConfig
 
 FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0", "q2_k": "q4_0", "q3_k": "q4_0"}
 
 
-def is_output_projection(name: str, config: LlamaConfig) -> bool:
+def is_output_projection(name: str, config: DecoderConfig) -> bool:
     return name == "lm_head.weight" or (config.tie_word_embeddings and name == "model.embed_tokens.weight")
 
 
@@ -44,7 +44,7 @@ def _layer(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def mix_type(name: str, config: LlamaConfig, mix: str) -> str:
+def mix_type(name: str, config: DecoderConfig, mix: str) -> str:
     """llama.cpp's Q4_K_M / Q5_K_M rules for one tensor (before the row-length fallback):
     attn_v and ffn_down get Q6_K in the first and last eighth of the layers and in every third
     layer between ("use_more_bits"); every other weight gets the base type."""
@@ -56,7 +56,7 @@ def mix_type(name: str, config: LlamaConfig, mix: str) -> str:
     return base
 
 
-def tensor_grid(name: str, shape: tuple[int, ...], config: LlamaConfig, recipe: QuantizationConfig) -> Grid | None:
+def tensor_grid(name: str, shape: tuple[int, ...], config: DecoderConfig, recipe: QuantizationConfig) -> Grid | None:
     """The grid for one tensor under `recipe`, or None to keep it float."""
     if len(shape) != 2:
         return None

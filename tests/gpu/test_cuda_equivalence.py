@@ -22,7 +22,7 @@ import torch
 from services.compressor.compress import Calibration, compress
 from services.compressor.quant.gptq import GptqResult, gptq
 from shared.models.bundle import ModelDir
-from shared.models.llama_config import LlamaConfig
+from shared.models.decoder_config import DecoderConfig
 from shared.quant.compressed import CompressedModel
 from shared.quant.grids import GGUF_GRIDS, GptqOptions, Granularity, Grid, Method, QuantizationConfig
 from shared.quant.qtensor import GgufTensor, QuantizedTensor
@@ -99,7 +99,7 @@ def tiny_model(tmp_path_factory) -> ModelDir:
     exercise the machinery; they say nothing about quality."""
     directory = tmp_path_factory.mktemp("gpu") / "tiny-llama"
     directory.mkdir()
-    config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+    config = DecoderConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0,
                          max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
     (directory / "config.json").write_text(json.dumps(config.to_hf()))

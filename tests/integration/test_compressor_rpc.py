@@ -90,8 +90,8 @@ def test_nan_weights_are_refused_naming_the_tensor(coordinator, tiny_model_dir, 
     broken = tmp_path / "broken"
     shutil.copytree(tiny_model_dir, broken)
     config = json.loads((broken / "config.json").read_text())
-    from shared.models.llama_config import LlamaConfig
-    shapes = LlamaConfig.from_hf(config).tensor_shapes()
+    from shared.models.decoder_config import DecoderConfig
+    shapes = DecoderConfig.from_hf(config).tensor_shapes()
     rng = np.random.default_rng(1)
     arrays = {name: rng.normal(0, 0.05, shape).astype(np.float32) for name, shape in shapes.items()}
     arrays["model.layers.1.mlp.up_proj.weight"][3, 5] = np.nan

@@ -14,7 +14,7 @@ from typing import Iterator
 
 import numpy as np
 
-from services.exporter.base import ExportedFile, ExportFormat, ExportInput
+from services.exporter.base import ExportedFile, Exporter, ExportFormat, ExportInput
 from shared.errors import FailedPrecondition
 from shared.models.gguf_import import hf_to_gguf_names, permute_rows
 from shared.models.tokenizer import gguf_vocabulary
@@ -70,8 +70,9 @@ def _file_type(types: set[str], recipe_type: str = "") -> int:
     return int(gguf.LlamaFileType.ALL_F32)
 
 
-class GgufExporter:
+class GgufExporter(Exporter):
     format = ExportFormat.GGUF
+    suffix = ".gguf"
 
     def export(self, source: ExportInput, out_path: Path) -> ExportedFile:
         import gguf

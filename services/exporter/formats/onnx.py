@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from services.exporter.base import ExportedFile, ExportFormat, ExportInput
+from services.exporter.base import ExportedFile, Exporter, ExportFormat, ExportInput
 from shared.errors import FailedPrecondition
 
 MEDIA_TYPE = "application/onnx"
 PROTOBUF_LIMIT_BYTES = 2 << 30
 
 
-class OnnxExporter:
+class OnnxExporter(Exporter):
     format = ExportFormat.ONNX
+    suffix = ".onnx"
 
     def export(self, source: ExportInput, out_path: Path) -> ExportedFile:
         import onnx

@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from shared.models.llama_config import LlamaConfig
+from shared.models.decoder_config import DecoderConfig
 from shared.quant.grids import Granularity
 from shared.quant.qtensor import QuantizedTensor
 
@@ -93,7 +93,7 @@ def linear_weight(g: GraphBuilder, name: str, value: np.ndarray | QuantizedTenso
     return g.op("DequantizeLinear", [q, s, z], name, axis=0, block_size=grid.group_size)
 
 
-def build_llama(config: LlamaConfig, tensor: Callable[[str], np.ndarray | QuantizedTensor]):
+def build_llama(config: DecoderConfig, tensor: Callable[[str], np.ndarray | QuantizedTensor]):
     """Returns an onnx.ModelProto. `tensor(hf_name)` gives float32 arrays or QuantizedTensors."""
     import onnx
     from onnx import TensorProto, helper

@@ -13,7 +13,7 @@ from services.compressor.compress import Calibration, compress
 from services.compressor.mixed import allocate
 from shared.errors import FailedPrecondition
 from shared.models.bundle import ModelDir
-from shared.models.llama_config import is_linear_weight
+from shared.models.decoder_config import is_linear_weight
 from shared.quant.compressed import CompressedModel
 from shared.quant.grids import Granularity, Method, MixedPrecision, QuantizationConfig
 

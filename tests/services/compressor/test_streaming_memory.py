@@ -16,12 +16,12 @@ from safetensors.torch import save_file
 
 from services.compressor.compress import plan
 from services.compressor.streaming import stream_tensors
-from services.exporter.base import ExportInput
+from services.exporter.base import ExportInput, ExportOptions
 from services.exporter.formats import gguf as gguf_format
 from services.exporter.formats.gguf import GgufExporter
 from shared.errors import Internal
 from shared.models.bundle import ModelDir
-from shared.models.llama_config import LlamaConfig
+from shared.models.decoder_config import DecoderConfig
 from shared.quant import compressed
 from shared.quant.compressed import ChunkedTensor, CompressedModel
 from shared.quant.grids import Granularity, Method, QuantizationConfig
@@ -30,7 +30,7 @@ from shared.tensors.safetensors_writer import write_safetensors
 
 ROOT = Path(__file__).resolve().parents[3]
 SHA = "b" * 64
-CONFIG = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+CONFIG = DecoderConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
                      num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
 INT4_ASYMMETRIC = QuantizationConfig(Method.RTN, bits=4, granularity=Granularity.PER_GROUP, group_size=32,
                                      symmetric=False)
@@ -97,7 +97,7 @@ def test_rows_and_chunks_equal_the_whole_tensor(model):
 def test_bf16_rows_match_torch(tmp_path):
     directory = tmp_path / "m"
     directory.mkdir()
-    config = LlamaConfig(vocab_size=40, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+    config = DecoderConfig(vocab_size=40, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)
     (directory / "config.json").write_text(json.dumps(config.to_hf()))
     tensors = {name: torch.randn(shape).to(torch.bfloat16) for name, shape in config.tensor_shapes().items()}
@@ -186,7 +186,7 @@ def test_compressed_row_ranges_equal_the_whole_tensor(model, recipe, tmp_path):
 
 @pytest.mark.parametrize("float_type", ["f16", "q4_k_m"])
 def test_chunked_gguf_export_is_byte_identical(model, float_type, tmp_path, monkeypatch):
-    source = ExportInput(model, SHA, float_type="f16")
+    source = ExportInput(model, SHA, options=ExportOptions(float_type="f16"))
     if float_type != "f16":
         recipe = QuantizationConfig(Method.RTN, gguf_type=float_type)
         _compress(model, recipe, tmp_path / "c.safetensors", 1 << 30)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from services.compressor.compress import compress
-from services.exporter.base import ExportInput
+from services.exporter.base import ExportInput, ExportOptions
 from services.exporter.formats.gguf import GgufExporter
 from services.exporter.quality import VALIDATION_PROMPTS
 from services.exporter.runtimes import LlamaCppRuntime, ReferenceRuntime
@@ -27,13 +27,13 @@ def model(smollm2_dir) -> ModelDir:
 @pytest.fixture(scope="module")
 def f16_gguf(model, tmp_path_factory):
     path = tmp_path_factory.mktemp("gguf") / "smollm2-f16.gguf"
-    GgufExporter().export(ExportInput(model, SHA, float_type="f16"), path)
+    GgufExporter().export(ExportInput(model, SHA, options=ExportOptions(float_type="f16")), path)
     return path
 
 
 def test_float32_gguf_matches_the_torch_reference(model, tmp_path):
     path = tmp_path / "f32.gguf"
-    GgufExporter().export(ExportInput(model, SHA, float_type="f32"), path)
+    GgufExporter().export(ExportInput(model, SHA, options=ExportOptions(float_type="f32")), path)
     tokenizer = TextTokenizer(model.tokenizer_path, model.tokenizer_config())
     tokens = [tokenizer.bos_id] + tokenizer.encode(VALIDATION_PROMPTS[2])
     expected = ReferenceRuntime(model.path).logits(tokens)

@@ -19,14 +19,14 @@ import torch
 
 from shared.errors import InvalidArgument
 from shared.models.bundle import ModelDir, is_bundle, pack, read_safetensors_header, unpack
-from shared.models.llama_config import LlamaConfig
+from shared.models.decoder_config import DecoderConfig
 from shared.tensors.safetensors_writer import write_safetensors
 
-CONFIG = LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+CONFIG = DecoderConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
                      num_attention_heads=2, num_key_value_heads=1)
 
 
-def _arrays(config: LlamaConfig, skip: str = "", seed: int = 0):
+def _arrays(config: DecoderConfig, skip: str = "", seed: int = 0):
     rng = np.random.default_rng(seed)
     return {name: rng.standard_normal(shape).astype(np.float32)
             for name, shape in config.tensor_shapes().items() if name != skip}

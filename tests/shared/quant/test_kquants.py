@@ -242,11 +242,11 @@ def gguf_tensors(path: Path) -> dict[str, tuple[str, tuple[int, ...], np.ndarray
 @pytest.fixture(scope="module")
 def smollm2_f32_gguf(smollm2_dir, tmp_path_factory) -> Path:
     """SmolLM2 as an F32 GGUF written by our exporter: llama.cpp's quantizer input."""
-    from services.exporter.base import ExportInput
+    from services.exporter.base import ExportInput, ExportOptions
     from services.exporter.formats.gguf import GgufExporter
     from shared.models.bundle import ModelDir
     path = tmp_path_factory.mktemp("kquant-gguf") / "smollm2-f32.gguf"
-    GgufExporter().export(ExportInput(ModelDir(smollm2_dir), SHA, float_type="f32"), path)
+    GgufExporter().export(ExportInput(ModelDir(smollm2_dir), SHA, options=ExportOptions(float_type="f32")), path)
     return path
 
 

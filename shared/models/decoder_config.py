@@ -15,7 +15,7 @@ LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "sel
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
+class DecoderConfig:
     vocab_size: int
     hidden_size: int                 # model width d
     intermediate_size: int           # MLP width
@@ -34,7 +34,7 @@ class LlamaConfig:
         return self.hidden_size // self.num_attention_heads
 
     @classmethod
-    def from_hf(cls, raw: dict[str, Any]) -> "LlamaConfig":
+    def from_hf(cls, raw: dict[str, Any]) -> "DecoderConfig":
         """From a Hugging Face config.json dict; rejects what this reference does not implement."""
         architectures = raw.get("architectures") or ["LlamaForCausalLM"]
         if raw.get("model_type", "llama") != "llama" or architectures[0] != "LlamaForCausalLM":
@@ -104,9 +104,9 @@ def is_linear_weight(name: str) -> bool:
     return name.endswith(".weight") and any(f".{linear}." in name for linear in LINEAR_NAMES)
 
 
-def load_config(path: Path) -> LlamaConfig:
+def load_config(path: Path) -> DecoderConfig:
     try:
         raw = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise InvalidArgument(f"cannot read {path.name}: {error}", reason="MALFORMED_MODEL", field="model")
-    return LlamaConfig.from_hf(raw)
+    return DecoderConfig.from_hf(raw)
