@@ -30,12 +30,13 @@ def struct(value: dict) -> struct_pb2.Struct:
 
 def lineage_to_proto(lineage: Lineage) -> common_pb2.Lineage:
     return common_pb2.Lineage(inputs=list(lineage.inputs), recipe=struct(lineage.recipe),
-                              tool_versions=lineage.tool_versions, producer=lineage.producer)
+                              tool_versions=lineage.tool_versions, producer=lineage.producer,
+                              fidelity=struct(lineage.fidelity))
 
 
 def lineage_from_proto(proto: common_pb2.Lineage) -> Lineage:
     return Lineage(tuple(proto.inputs), json_format.MessageToDict(proto.recipe), dict(proto.tool_versions),
-                   proto.producer)
+                   proto.producer, json_format.MessageToDict(proto.fidelity))
 
 
 def artifact_to_proto(record: ArtifactRecord) -> common_pb2.Artifact:

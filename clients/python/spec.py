@@ -13,7 +13,7 @@ from typing import Any
 
 from edgeforge.v1 import common_pb2, coordinator_pb2
 from shared.errors import InvalidArgument
-from shared.quant.grids import GGUF_TYPES
+from shared.quant.grids import FLOAT_TYPES, GGUF_TYPES
 from shared.quant.proto import quantization_from_proto
 
 
@@ -32,7 +32,11 @@ _KEYS: dict[str, dict[str, type | tuple]] = {
     "evaluation": {"text_file": str, "max_tokens": int, "window_tokens": int},
     "targets[]": {"selector": dict, "device": str},
     "constraints": {"max_size_bytes": int, "max_p90_latency_ms": (int, float), "max_quality_loss_pct": (int, float)},
-    "candidates[]": {"id": str, "format": str, "quantization": dict, "recipe": list},
+    "candidates[]": {"id": str, "format": str, "quantization": dict, "recipe": list, "export": dict},
+    "export": {"float_type": str, "onnx_weight_operator": str, "int8_activations": bool, "external_data": bool,
+               "coreml": dict},
+    "coreml": {"palette_bits": int, "palette_mode": str, "palette_group_size": int, "sparsity": (int, float),
+               "deployment_target": str},
     "quantization": {"method": str, "type": str, "bits": int, "granularity": str, "group_size": int,
                      "symmetric": bool, "scale": str, "percentile": (int, float), "gptq": dict, "awq": dict,
                      "mixed_precision": dict},
@@ -42,7 +46,11 @@ _KEYS: dict[str, dict[str, type | tuple]] = {
     "benchmark": {"prompt_tokens": int, "generation_tokens": int, "warmup_runs": int, "timed_runs": int,
                   "threads": int},
 }
-FORMATS = {"gguf": common_pb2.EXPORT_FORMAT_GGUF, "onnx": common_pb2.EXPORT_FORMAT_ONNX}
+FORMATS = {"gguf": common_pb2.EXPORT_FORMAT_GGUF, "onnx": common_pb2.EXPORT_FORMAT_ONNX,
+           "tflite": common_pb2.EXPORT_FORMAT_TFLITE, "coreml": common_pb2.EXPORT_FORMAT_COREML}
+WEIGHT_OPERATORS = {"dequantize_linear": common_pb2.ONNX_WEIGHT_OPERATOR_DEQUANTIZE_LINEAR,
+                    "matmul_nbits": common_pb2.ONNX_WEIGHT_OPERATOR_MATMUL_NBITS}
+PALETTE_MODES = {"kmeans": common_pb2.PALETTE_MODE_KMEANS, "uniform": common_pb2.PALETTE_MODE_UNIFORM}
 TASKS = {"causal-lm": common_pb2.MODEL_TASK_CAUSAL_LM}
 OBJECTIVES = {"best_quality": coordinator_pb2.OBJECTIVE_BEST_QUALITY,
               "lowest_latency": coordinator_pb2.OBJECTIVE_LOWEST_LATENCY}
@@ -121,7 +129,7 @@ def _file(base: Path, value: str | None, field: str) -> Path:
 
 def quantization(raw: dict, field: str, export_format: str) -> common_pb2.QuantizationConfig:
     raw = _check_keys("quantization", field, raw)
-    method = raw.get("method", "rtn" if "bits" in raw or raw.get("type", "") not in ("f32", "f16") else "none")
+    method = raw.get("method", "rtn" if "bits" in raw or raw.get("type", "") not in FLOAT_TYPES else "none")
     proto = common_pb2.QuantizationConfig(
         method=_choice(METHODS, method, f"{field}.method"), gguf_type=raw.get("type", ""), bits=raw.get("bits", 0),
         granularity=_choice(GRANULARITIES, raw["granularity"], f"{field}.granularity") if "granularity" in raw else 0,
@@ -153,6 +161,33 @@ def quantization(raw: dict, field: str, export_format: str) -> common_pb2.Quanti
     if export_format == "gguf" and config.grid() is not None and not config.gguf_type:
         raise SpecError(field, f"grid {config.grid().name} is not a llama.cpp block type; for gguf name one with "
                                f"type ({', '.join(GGUF_TYPES)})")
+    return proto
+
+
+def export_options(raw: dict, field: str) -> common_pb2.ExportOptions:
+    """The candidate's `export:` block (docs/SPEC.md), checked like the server will."""
+    raw = _check_keys("export", field, raw)
+    proto = common_pb2.ExportOptions(float_type=raw.get("float_type", ""),
+                                     int8_activations=raw.get("int8_activations", False),
+                                     external_data=raw.get("external_data", False))
+    if "onnx_weight_operator" in raw:
+        proto.onnx_weight_operator = _choice(WEIGHT_OPERATORS, raw["onnx_weight_operator"],
+                                             f"{field}.onnx_weight_operator")
+    if "coreml" in raw:
+        coreml = _check_keys("coreml", f"{field}.coreml", raw["coreml"])
+        proto.coreml.CopyFrom(common_pb2.CoremlOptions(
+            palette_bits=coreml.get("palette_bits", 0), palette_group_size=coreml.get("palette_group_size", 0),
+            sparsity=float(coreml.get("sparsity", 0)), deployment_target=coreml.get("deployment_target", "")))
+        if "palette_mode" in coreml:
+            proto.coreml.palette_mode = _choice(PALETTE_MODES, coreml["palette_mode"], f"{field}.coreml.palette_mode")
+    if proto.float_type and proto.float_type not in FLOAT_TYPES:
+        raise SpecError(f"{field}.float_type", f"must be one of {', '.join(FLOAT_TYPES)}, got {proto.float_type!r}")
+    if not 0 <= proto.coreml.palette_bits <= 8:
+        raise SpecError(f"{field}.coreml.palette_bits", f"must be in [0, 8], got {proto.coreml.palette_bits}")
+    if not 0 <= proto.coreml.sparsity < 1:
+        raise SpecError(f"{field}.coreml.sparsity", f"must be in [0, 1), got {proto.coreml.sparsity}")
+    if proto.coreml.palette_group_size < 0:
+        raise SpecError(f"{field}.coreml.palette_group_size", "must not be negative")
     return proto
 
 
@@ -197,6 +232,8 @@ def parse(raw: Any, base_dir: Path) -> SpecFile:
             proto.quantization.CopyFrom(quantization(candidate["quantization"], f"{field}.quantization", export_format))
         for j, step in enumerate(candidate.get("recipe", [])):
             proto.recipe.append(quantization(step, f"{field}.recipe[{j}]", export_format))
+        if "export" in candidate:
+            proto.export.CopyFrom(export_options(candidate["export"], f"{field}.export"))
     benchmark = _check_keys("benchmark", "benchmark", raw.get("benchmark") or {})
     for key, upper in (("prompt_tokens", 8192), ("generation_tokens", 8192), ("warmup_runs", 100),
                        ("timed_runs", 1000), ("threads", 1024)):

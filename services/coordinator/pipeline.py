@@ -13,7 +13,7 @@ from services.coordinator.context import CoordinatorContext
 from services.coordinator.spec import PlannedCandidate, plan
 from services.coordinator.state import digest
 from services.exporter.base import ExportFormat
-from services.exporter.convert import format_to_proto
+from services.exporter.convert import format_to_proto, options_to_proto
 from shared.artifact_convert import struct
 from shared.errors import Cancelled, EdgeforgeError
 from shared.grpc_status import status_of
@@ -169,11 +169,12 @@ class BuildRunner:
                 result.tensors.extend(response.tensors)
                 result.bits_per_weight, result.compress_seconds = response.bits_per_weight, response.seconds
             self.step(Stage.BUILD_STAGE_EXPORT, base + 55 / count / 3, f"exporting {candidate.id}", candidate.id)
+            calibration = self.build.calibration_stats if candidate.options.int8_activations else ""
             request = exporter_pb2.ExportRequest(model=model, compressed=compressed,
                                                  format=format_to_proto(candidate.format),
-                                                 float_type=candidate.float_type)
+                                                 options=options_to_proto(candidate.options), calibration=calibration)
             exported, _ = self.memoized(
-                "export", [model, compressed, candidate.format.value, candidate.float_type],
+                "export", [model, compressed, candidate.format.value, candidate.options.to_dict(), calibration],
                 lambda: workers.call(workers.exporter.Export, request),
                 exporter_pb2.ExportResponse, lambda r: [r.exported.name])
             result.artifact, result.size_bytes = exported.exported.name, exported.exported.size_bytes

@@ -9,8 +9,8 @@ from __future__ import annotations
 import dataclasses
 
 from edgeforge.v1 import common_pb2, coordinator_pb2
-from services.exporter.base import ExportFormat
-from services.exporter.convert import format_from_proto
+from services.exporter.base import CoremlOptions, ExportFormat, ExportOptions, OnnxWeightOperator
+from services.exporter.convert import format_from_proto, options_from_proto
 from shared.errors import InvalidArgument, NotFound
 from shared.quant.grids import FLOAT_TYPES, GGUF_TYPES, Granularity, Method, QuantizationConfig
 from shared.quant.proto import quantization_from_proto, quantization_to_proto
@@ -32,8 +32,13 @@ class PlannedCandidate:
     id: str
     format: ExportFormat
     quantization: QuantizationConfig   # the final (quantizing) step
-    float_type: str                     # storage of tensors left float: "f16" or "f32"
+    options: ExportOptions = ExportOptions()
     pre_steps: tuple[QuantizationConfig, ...] = ()
+
+    @property
+    def float_type(self) -> str:
+        """Storage of tensors left float: "f32", "f16" or "bf16"."""
+        return self.options.float_type
 
     @property
     def quantized(self) -> bool:
@@ -42,35 +47,75 @@ class PlannedCandidate:
     def recipe(self) -> dict:
         out = {"format": self.format.value, "quantization": self.quantization.to_dict(),
                "float_type": self.float_type}
+        defaults, options = ExportOptions().to_dict(), self.options.to_dict()
+        changed = {key: value for key, value in options.items() if key != "float_type" and value != defaults[key]}
+        if changed:
+            out["export"] = changed
         if self.pre_steps:
             out["recipe"] = [step.to_dict() for step in (*self.pre_steps, self.quantization)]
         return out
 
 
-def candidate_id(export_format: ExportFormat, config: QuantizationConfig, float_type: str,
+def _options_suffix(options: ExportOptions) -> str:
+    """What an id adds for export options that change the file: -matmul_nbits, -qdq, -pal4k, -sparse50."""
+    parts = []
+    if options.onnx_weight_operator is OnnxWeightOperator.MATMUL_NBITS:
+        parts.append("matmul_nbits")
+    if options.int8_activations:
+        parts.append("a8")
+    if options.coreml.sparsity:
+        parts.append(f"sparse{round(100 * options.coreml.sparsity)}")
+    if options.coreml.palette_bits:
+        parts.append(f"pal{options.coreml.palette_bits}{options.coreml.palette_mode.value[0]}")
+    if options.external_data:
+        parts.append("extdata")
+    return "".join(f"-{p}" for p in parts)
+
+
+def candidate_id(export_format: ExportFormat, config: QuantizationConfig, options: ExportOptions = ExportOptions(),
                  pre_steps: tuple[QuantizationConfig, ...] = ()) -> str:
-    """e.g. gguf-q4_0 (RTN), gguf-q4_k-gptq, onnx-int4-g64-sym-awq+gptq, gguf-q4_k_m-gptq-mixed."""
+    """e.g. gguf-q4_0 (RTN), gguf-q4_k-gptq, onnx-int4-g64-sym-awq+gptq, gguf-q4_k_m-gptq-mixed,
+    onnx-int4-g32-sym-matmul_nbits, coreml-f16-sparse50-pal4k."""
     grid = config.grid()
     if grid is None:
-        return f"{export_format.value}-{float_type}"
+        return f"{export_format.value}-{options.float_type}{_options_suffix(options)}"
     name = config.gguf_type or grid.name.replace("/", "-")
     methods = [step.method.value for step in (*pre_steps, config)]
     if methods != ["rtn"]:
         name += "-" + "+".join(methods)
     if config.mixed is not None:
         name += "-mixed"
-    return f"{export_format.value}-{name}"
+    return f"{export_format.value}-{name}{_options_suffix(options)}"
 
 
-def _float_type(export_format: ExportFormat, config: QuantizationConfig, field: str) -> str:
-    if config.gguf_type in FLOAT_TYPES:
-        if export_format is ExportFormat.ONNX and config.gguf_type != "f32":
-            raise InvalidArgument("onnx writes float32 at this version; f16 comes with the exporter issue",
-                                  field=f"{field}.quantization.type")
-        return config.gguf_type
-    if config.grid() is None:
-        return "f16" if export_format is ExportFormat.GGUF else "f32"
-    return "f32"
+def _float_type(export_format: ExportFormat, config: QuantizationConfig, export: common_pb2.ExportOptions,
+                field: str) -> str:
+    """quantization.type f32/f16/bf16 is shorthand for export.float_type; both given must agree."""
+    from_type = config.gguf_type if config.gguf_type in FLOAT_TYPES else ""
+    if export.float_type and from_type and export.float_type != from_type:
+        raise InvalidArgument(f"quantization.type {from_type} and export.float_type {export.float_type} disagree; "
+                              "give one", field=f"{field}.export.float_type")
+    float_type = export.float_type or from_type
+    if not float_type:
+        float_type = "f16" if export_format is ExportFormat.GGUF and config.grid() is None else "f32"
+    if float_type == "bf16" and export_format is not ExportFormat.GGUF:
+        raise InvalidArgument(f"bf16 storage is GGUF only; {export_format.value} takes f32 or f16",
+                              field=f"{field}.export.float_type")
+    return float_type
+
+
+def _check_export_options(export_format: ExportFormat, options: ExportOptions, field: str) -> None:
+    """Options that belong to another format are refused rather than silently ignored."""
+    if options.onnx_weight_operator is not OnnxWeightOperator.DEQUANTIZE_LINEAR and export_format is not ExportFormat.ONNX:
+        raise InvalidArgument(f"onnx_weight_operator applies to onnx, not {export_format.value}",
+                              field=f"{field}.onnx_weight_operator")
+    if options.external_data and export_format is not ExportFormat.ONNX:
+        raise InvalidArgument(f"external_data applies to onnx, not {export_format.value}", field=f"{field}.external_data")
+    if options.int8_activations and export_format not in (ExportFormat.ONNX, ExportFormat.TFLITE):
+        raise InvalidArgument(f"int8_activations applies to onnx (static QDQ) and tflite (full int8), not "
+                              f"{export_format.value}", field=f"{field}.int8_activations")
+    if options.coreml != CoremlOptions() and export_format is not ExportFormat.COREML:
+        raise InvalidArgument(f"coreml options apply to coreml, not {export_format.value}", field=f"{field}.coreml")
 
 
 def _check_model_format(store: ArtifactStore, sha256: str) -> None:
@@ -190,10 +235,14 @@ def plan(spec: coordinator_pb2.BuildSpec) -> list[PlannedCandidate]:
         if export_format is ExportFormat.GGUF and config.grid() is not None and not config.gguf_type:
             raise InvalidArgument(f"grid {config.grid().name} is not a llama.cpp block type; a GGUF candidate names "
                                   f"one (quantization.type: {', '.join(GGUF_TYPES)})", field=f"{field}.quantization")
-        float_type = _float_type(export_format, config, field)
-        candidate_name = candidate.id or candidate_id(export_format, config, float_type, pre_steps)
+        export = common_pb2.ExportOptions()
+        export.CopyFrom(candidate.export)
+        export.float_type = _float_type(export_format, config, candidate.export, field)
+        options = options_from_proto(export, f"{field}.export")
+        _check_export_options(export_format, options, f"{field}.export")
+        candidate_name = candidate.id or candidate_id(export_format, config, options, pre_steps)
         if candidate_name in seen:
             raise InvalidArgument(f"candidate id {candidate_name!r} appears twice", field=f"{field}.id")
         seen.add(candidate_name)
-        planned.append(PlannedCandidate(candidate_name, export_format, config, float_type, pre_steps))
+        planned.append(PlannedCandidate(candidate_name, export_format, config, options, pre_steps))
     return planned

@@ -98,6 +98,17 @@ class ActivationRanges:
     ranges: dict[str, tuple[float, float]]
     source: str = ""                             # the calibration artifact they came from
 
+    @classmethod
+    def from_stats(cls, path: Path, name: str = "") -> "ActivationRanges":
+        """Min/max of each linear's input from a calibration statistics file (the calibrator's format)."""
+        from services.calibrator.stats_file import CalibrationStats
+        stats = CalibrationStats.open(path)
+        ranges = {}
+        for weight in stats.weights():
+            measured = stats.activation_range(weight)
+            ranges[weight.removesuffix(".weight")] = (measured["min"], measured["max"])
+        return cls(ranges, name)
+
     def get(self, linear: str) -> tuple[float, float]:
         if linear not in self.ranges:
             raise FailedPrecondition(f"the calibration statistics have no input range for {linear}",
@@ -170,6 +181,21 @@ class Exporter(abc.ABC):
     @abc.abstractmethod
     def export(self, source: ExportInput, out_path: Path) -> ExportedFile:
         """Writes `source` at `out_path` (a scratch path the caller renames into the store)."""
+
+    def runs_here(self) -> bool:
+        """Whether this machine can run the format's runtime (Core ML prediction needs macOS). When it
+        cannot, `read_back` alone proves the file."""
+        return True
+
+    def why_not_here(self) -> str:
+        """When runs_here() is False: the reason, for the fidelity record and the report."""
+        return ""
+
+    def read_back(self, exported: ExportedFile, source: ExportInput) -> dict[str, Any]:
+        """Reads the written file back with the format's own tooling and returns what it holds (ops,
+        weight dtypes, sizes, input/output shapes); raises FailedPrecondition (VALIDATION_FAILED) when
+        it does not hold what was asked. The result joins the artifact's fidelity record."""
+        return {}
 
 
 def unsupported_arch(format_name: str, architecture: str, supported: tuple[str, ...]) -> FailedPrecondition:

@@ -1,17 +1,22 @@
 """Exporter gRPC servicer: write a format, prove it in its runtime, store it; evaluate perplexity."""
 from __future__ import annotations
 
+import dataclasses
+import functools
+import importlib
+import math
+import shutil
+import tarfile
 import tempfile
 import threading
 from pathlib import Path
 
 from edgeforge.v1 import common_pb2, exporter_pb2, exporter_pb2_grpc
-from services.exporter.base import ExportFormat, ExportInput, ExportOptions
-from services.exporter.convert import format_from_proto, validation_to_proto
-from services.exporter.formats.gguf import GgufExporter
-from services.exporter.formats.onnx import OnnxExporter
-from services.exporter.quality import VALIDATION_PROMPTS, perplexity, validate, windows
+from services.exporter.base import ActivationRanges, ExportedFile, Exporter, ExportFormat, ExportInput
+from services.exporter.convert import format_from_proto, options_from_proto, validation_to_proto
+from services.exporter.quality import VALIDATION_PROMPTS, ValidationResult, perplexity, validate, windows
 from services.exporter.runtimes import ReferenceRuntime, open_runtime
+from shared.archive import pack_tree, unpack_tree
 from shared.artifact_access import ArtifactAccess, open_model
 from shared.artifact_convert import artifact_to_proto
 from shared.datasets import load_text
@@ -20,13 +25,36 @@ from shared.grpc_status import rpc
 from shared.models.bundle import ModelDir
 from shared.models.tokenizer import TextTokenizer
 from shared.quant.compressed import CompressedModel
-from shared.store.records import ArtifactKind, Lineage
+from shared.store.records import ArtifactKind, Lineage, parse_artifact_name
 from shared.versions import tool_versions
 
 SERVICE_NAME = "edgeforge.v1.Exporter"
-EXPORTERS = {ExportFormat.GGUF: GgufExporter(), ExportFormat.ONNX: OnnxExporter()}
-SUFFIX = {ExportFormat.GGUF: ".gguf", ExportFormat.ONNX: ".onnx"}
-RUNTIME_LIBRARIES = {ExportFormat.GGUF: ("gguf", "llama_cpp_python"), ExportFormat.ONNX: ("onnx", "onnxruntime")}
+# Each format's module and class, imported on first use (each imports its own SDK lazily in turn).
+EXPORTER_CLASSES = {ExportFormat.GGUF: ("services.exporter.formats.gguf", "GgufExporter"),
+                    ExportFormat.ONNX: ("services.exporter.formats.onnx", "OnnxExporter"),
+                    ExportFormat.TFLITE: ("services.exporter.formats.tflite", "TfliteExporter"),
+                    ExportFormat.COREML: ("services.exporter.formats.coreml", "CoremlExporter")}
+RUNTIME_LIBRARIES = {ExportFormat.GGUF: ("gguf", "llama_cpp_python"), ExportFormat.ONNX: ("onnx", "onnxruntime"),
+                     ExportFormat.TFLITE: ("litert-torch", "ai-edge-litert", "torch"),
+                     ExportFormat.COREML: ("coremltools", "torch")}
+
+
+@functools.cache
+def exporter_for(export_format: ExportFormat) -> Exporter:
+    if export_format not in EXPORTER_CLASSES:
+        raise InvalidArgument(f"format {export_format.value} cannot be exported", field="format")
+    module, name = EXPORTER_CLASSES[export_format]
+    return getattr(importlib.import_module(module), name)()
+
+
+def provenance(export_format: ExportFormat) -> dict[str, str]:
+    """Versions of the libraries that wrote and checked the file (llama.cpp: its build's features)."""
+    versions = dict(tool_versions(*RUNTIME_LIBRARIES[export_format]))
+    if export_format is ExportFormat.GGUF:
+        import llama_cpp
+        versions["llama.cpp"] = f"vendored in llama-cpp-python {llama_cpp.__version__}; " + \
+            llama_cpp.llama_print_system_info().decode(errors="replace").strip()
+    return versions
 
 
 def tokenizer_for(model: ModelDir) -> TextTokenizer:
@@ -54,40 +82,75 @@ class ExporterServicer(exporter_pb2_grpc.ExporterServicer):
     @rpc
     def Export(self, request: exporter_pb2.ExportRequest, context) -> exporter_pb2.ExportResponse:
         export_format = format_from_proto(request.format)
-        if export_format not in EXPORTERS:
-            raise InvalidArgument(f"format {export_format.value} cannot be exported", field="format")
+        exporter = exporter_for(export_format)
+        options = options_from_proto(request.options)
         model, model_sha = open_model(self.access, request.model)
         compressed = CompressedModel(self.access.local_path(request.compressed)) if request.compressed else None
-        source = ExportInput(model, model_sha, compressed, ExportOptions(float_type=request.float_type or "f32"))
+        activations = None
+        if options.int8_activations:
+            if not request.calibration:
+                raise FailedPrecondition("options.int8_activations needs calibration, a calibration statistics "
+                                         "artifact with the activation ranges", reason="MISSING_CALIBRATION",
+                                         field="calibration")
+            activations = ActivationRanges.from_stats(self.access.local_path(request.calibration),
+                                                      request.calibration)
+        source = ExportInput(model, model_sha, compressed, options, activations)
+        exporter.check(source)                          # UNSUPPORTED_ARCH / UNSUPPORTED_OP before any work
         scratch = self.access.cache_dir / "tmp"
         scratch.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=scratch, suffix=SUFFIX[export_format], delete=False) as handle:
-            out = Path(handle.name)
+        work = Path(tempfile.mkdtemp(dir=scratch, prefix="export-"))
         try:
-            exported = EXPORTERS[export_format].export(source, out)
-            prompts, expected = self._reference_logits(model, model_sha)
-            runtime = open_runtime(export_format, out, 512)
-            try:
-                result = validate(runtime, expected, prompts)
-            finally:
-                runtime.close()
-            if not result.passed:
-                raise FailedPrecondition(
-                    f"{export_format.value} file failed validation in {result.runtime}: top-1 agreement "
-                    f"{result.top1_agreement:.2f}, max |Δlogit| {result.max_abs_diff:.3g}", reason="VALIDATION_FAILED")
-            inputs = (request.model,) + ((request.compressed,) if request.compressed else ())
-            labels = {**exported.labels, "validation_runtime": result.runtime,
-                      "validation_top1": f"{result.top1_agreement:.4f}",
-                      "validation_max_abs_diff": f"{result.max_abs_diff:.4g}"}
+            exported = exporter.export(source, work / f"{model.path.name}{exporter.suffix}")
+            package = exporter.read_back(exported, source)
+            result = self._validate(export_format, exporter, exported, model, model_sha)
+            blob = exported.path
+            if blob.is_dir():                           # Core ML package, ONNX + external data: one tar
+                blob = work / f"{exported.path.name}.tar"
+                pack_tree(exported.path, blob)
+            inputs = (request.model,) + ((request.compressed,) if request.compressed else ()) + \
+                ((request.calibration,) if activations else ())
+            fidelity = {**dataclasses.asdict(result), **({"package": package} if package else {})}
+            labels = {**exported.labels, "validation_runtime": result.runtime}
+            if result.positions:
+                labels.update(validation_top1=f"{result.top1_agreement:.4f}",
+                              validation_max_abs_diff=f"{result.max_abs_diff:.4g}")
             record = self.access.put(
-                out, ArtifactKind.EXPORTED_MODEL, display_name=f"{model.path.name}{SUFFIX[export_format]}",
+                blob, ArtifactKind.EXPORTED_MODEL, display_name=f"{model.path.name}{exporter.suffix}",
                 media_type=exported.media_type,
-                lineage=Lineage(inputs, {"format": export_format.value, **source.recipe},
-                                tool_versions(*RUNTIME_LIBRARIES[export_format]), f"{SERVICE_NAME}/Export"),
+                lineage=Lineage(inputs, {"format": export_format.value, **source.recipe,
+                                         "export": options.to_dict(), **exported.provenance},
+                                provenance(export_format), f"{SERVICE_NAME}/Export", fidelity),
                 labels=labels)
         finally:
-            out.unlink(missing_ok=True)
+            shutil.rmtree(work, ignore_errors=True)
         return exporter_pb2.ExportResponse(exported=artifact_to_proto(record), validation=validation_to_proto(result))
+
+    def _runnable(self, artifact: str) -> Path:
+        """The local path a runtime opens: the blob itself, or for a directory export (a tar) the
+        directory unpacked once into the cache."""
+        path = self.access.local_path(artifact)
+        if not tarfile.is_tarfile(path):
+            return path
+        return unpack_tree(path, self.access.cache_dir / "unpacked" / parse_artifact_name(artifact))
+
+    def _validate(self, export_format: ExportFormat, exporter: Exporter, exported: ExportedFile, model: ModelDir,
+                  model_sha: str) -> ValidationResult:
+        """Logits of the file in its own runtime versus the source model's; where the runtime cannot run
+        here (Core ML off macOS) the read-back alone proved the file, and the result says so."""
+        if not exporter.runs_here():
+            return ValidationResult(f"{export_format.value}: read back only ({exporter.why_not_here()})",
+                                    math.nan, math.nan, math.nan, 0, loaded=True)
+        prompts, expected = self._reference_logits(model, model_sha)
+        runtime = open_runtime(export_format, exported.path, 512)
+        try:
+            result = validate(runtime, expected, prompts)
+        finally:
+            runtime.close()
+        if not result.passed:
+            raise FailedPrecondition(
+                f"{export_format.value} file failed validation in {result.runtime}: top-1 agreement "
+                f"{result.top1_agreement:.2f}, max |Δlogit| {result.max_abs_diff:.3g}", reason="VALIDATION_FAILED")
+        return result
 
     @rpc
     def Evaluate(self, request: exporter_pb2.EvaluateRequest, context) -> exporter_pb2.EvaluateResponse:
@@ -106,7 +169,7 @@ class ExporterServicer(exporter_pb2_grpc.ExporterServicer):
                 raise InvalidArgument("tokenizer_model is required to evaluate an exported file",
                                       field="tokenizer_model")
             tokenizer_model, _ = open_model(self.access, request.tokenizer_model, field="tokenizer_model")
-            runtime_path = self.access.local_path(request.model)
+            runtime_path = self._runnable(request.model)
         tokenizer = tokenizer_for(tokenizer_model)
         text = load_text(self.access.local_path(request.dataset), "evaluation.dataset")
         token_windows = windows(tokenizer.encode(text), tokenizer.bos_id, window_tokens, max_tokens)

@@ -108,7 +108,7 @@ GGUF_GRIDS = {name: Grid(GGUF_BITS[name], Granularity.PER_GROUP, GGUF_BLOCKS[nam
                          name in ("q8_0", "q4_0", "q5_0", "q3_k", "q6_k"), ScaleRule.GGML, name)
               for name in GGUF_BLOCKS}
 GGUF_MIXES = ("q4_k_m", "q5_k_m")          # llama.cpp's per-tensor type mixes (shared/quant/rules.py)
-FLOAT_TYPES = ("f32", "f16")
+FLOAT_TYPES = ("f32", "f16", "bf16")          # bf16: GGUF only (the coordinator refuses it elsewhere)
 GGUF_TYPES = tuple(GGUF_GRIDS) + GGUF_MIXES
 
 

@@ -226,12 +226,14 @@ def _free_bytes(path: Path) -> int:
 
 def _lineage_json(lineage: Lineage) -> str:
     return json.dumps({"inputs": list(lineage.inputs), "recipe": lineage.recipe,
-                       "tool_versions": lineage.tool_versions, "producer": lineage.producer}, sort_keys=True)
+                       "tool_versions": lineage.tool_versions, "producer": lineage.producer,
+                       "fidelity": lineage.fidelity}, sort_keys=True)
 
 
 def _lineage_from_json(text: str) -> Lineage:
     raw = json.loads(text)
-    return Lineage(tuple(raw["inputs"]), raw["recipe"], raw["tool_versions"], raw["producer"])
+    return Lineage(tuple(raw["inputs"]), raw["recipe"], raw["tool_versions"], raw["producer"],
+                   raw.get("fidelity", {}))                  # rows written before fidelity existed have none
 
 
 def _artifact_from_row(row) -> ArtifactRecord:

@@ -23,6 +23,7 @@ class Lineage:
     recipe: dict[str, Any] = dataclasses.field(default_factory=dict)
     tool_versions: dict[str, str] = dataclasses.field(default_factory=dict)
     producer: str = ""
+    fidelity: dict[str, Any] = dataclasses.field(default_factory=dict)   # outputs vs the source, measured
 
 
 @dataclasses.dataclass(frozen=True)

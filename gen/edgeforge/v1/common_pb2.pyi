@@ -34,6 +34,20 @@ class ExportFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EXPORT_FORMAT_GGUF: _ClassVar[ExportFormat]
     EXPORT_FORMAT_ONNX: _ClassVar[ExportFormat]
     EXPORT_FORMAT_REFERENCE: _ClassVar[ExportFormat]
+    EXPORT_FORMAT_TFLITE: _ClassVar[ExportFormat]
+    EXPORT_FORMAT_COREML: _ClassVar[ExportFormat]
+
+class OnnxWeightOperator(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ONNX_WEIGHT_OPERATOR_UNSPECIFIED: _ClassVar[OnnxWeightOperator]
+    ONNX_WEIGHT_OPERATOR_DEQUANTIZE_LINEAR: _ClassVar[OnnxWeightOperator]
+    ONNX_WEIGHT_OPERATOR_MATMUL_NBITS: _ClassVar[OnnxWeightOperator]
+
+class PaletteMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PALETTE_MODE_UNSPECIFIED: _ClassVar[PaletteMode]
+    PALETTE_MODE_KMEANS: _ClassVar[PaletteMode]
+    PALETTE_MODE_UNIFORM: _ClassVar[PaletteMode]
 
 class QuantMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -90,6 +104,14 @@ EXPORT_FORMAT_UNSPECIFIED: ExportFormat
 EXPORT_FORMAT_GGUF: ExportFormat
 EXPORT_FORMAT_ONNX: ExportFormat
 EXPORT_FORMAT_REFERENCE: ExportFormat
+EXPORT_FORMAT_TFLITE: ExportFormat
+EXPORT_FORMAT_COREML: ExportFormat
+ONNX_WEIGHT_OPERATOR_UNSPECIFIED: OnnxWeightOperator
+ONNX_WEIGHT_OPERATOR_DEQUANTIZE_LINEAR: OnnxWeightOperator
+ONNX_WEIGHT_OPERATOR_MATMUL_NBITS: OnnxWeightOperator
+PALETTE_MODE_UNSPECIFIED: PaletteMode
+PALETTE_MODE_KMEANS: PaletteMode
+PALETTE_MODE_UNIFORM: PaletteMode
 QUANT_METHOD_UNSPECIFIED: QuantMethod
 QUANT_METHOD_NONE: QuantMethod
 QUANT_METHOD_RTN: QuantMethod
@@ -151,7 +173,7 @@ class Artifact(_message.Message):
     def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ArtifactKind, str]] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., media_type: _Optional[str] = ..., display_name: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., lineage: _Optional[_Union[Lineage, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Lineage(_message.Message):
-    __slots__ = ("inputs", "recipe", "tool_versions", "producer")
+    __slots__ = ("inputs", "recipe", "tool_versions", "producer", "fidelity")
     class ToolVersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -163,11 +185,41 @@ class Lineage(_message.Message):
     RECIPE_FIELD_NUMBER: _ClassVar[int]
     TOOL_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     PRODUCER_FIELD_NUMBER: _ClassVar[int]
+    FIDELITY_FIELD_NUMBER: _ClassVar[int]
     inputs: _containers.RepeatedScalarFieldContainer[str]
     recipe: _struct_pb2.Struct
     tool_versions: _containers.ScalarMap[str, str]
     producer: str
-    def __init__(self, inputs: _Optional[_Iterable[str]] = ..., recipe: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., tool_versions: _Optional[_Mapping[str, str]] = ..., producer: _Optional[str] = ...) -> None: ...
+    fidelity: _struct_pb2.Struct
+    def __init__(self, inputs: _Optional[_Iterable[str]] = ..., recipe: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., tool_versions: _Optional[_Mapping[str, str]] = ..., producer: _Optional[str] = ..., fidelity: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
+class CoremlOptions(_message.Message):
+    __slots__ = ("palette_bits", "palette_mode", "palette_group_size", "sparsity", "deployment_target")
+    PALETTE_BITS_FIELD_NUMBER: _ClassVar[int]
+    PALETTE_MODE_FIELD_NUMBER: _ClassVar[int]
+    PALETTE_GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SPARSITY_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENT_TARGET_FIELD_NUMBER: _ClassVar[int]
+    palette_bits: int
+    palette_mode: PaletteMode
+    palette_group_size: int
+    sparsity: float
+    deployment_target: str
+    def __init__(self, palette_bits: _Optional[int] = ..., palette_mode: _Optional[_Union[PaletteMode, str]] = ..., palette_group_size: _Optional[int] = ..., sparsity: _Optional[float] = ..., deployment_target: _Optional[str] = ...) -> None: ...
+
+class ExportOptions(_message.Message):
+    __slots__ = ("float_type", "onnx_weight_operator", "int8_activations", "external_data", "coreml")
+    FLOAT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    ONNX_WEIGHT_OPERATOR_FIELD_NUMBER: _ClassVar[int]
+    INT8_ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
+    EXTERNAL_DATA_FIELD_NUMBER: _ClassVar[int]
+    COREML_FIELD_NUMBER: _ClassVar[int]
+    float_type: str
+    onnx_weight_operator: OnnxWeightOperator
+    int8_activations: bool
+    external_data: bool
+    coreml: CoremlOptions
+    def __init__(self, float_type: _Optional[str] = ..., onnx_weight_operator: _Optional[_Union[OnnxWeightOperator, str]] = ..., int8_activations: _Optional[bool] = ..., external_data: _Optional[bool] = ..., coreml: _Optional[_Union[CoremlOptions, _Mapping]] = ...) -> None: ...
 
 class GptqOptions(_message.Message):
     __slots__ = ("damp_percent", "block_size", "act_order", "sequential")

@@ -168,16 +168,18 @@ class Constraints(_message.Message):
     def __init__(self, max_size_bytes: _Optional[int] = ..., max_p90_latency_ms: _Optional[float] = ..., max_quality_loss_pct: _Optional[float] = ...) -> None: ...
 
 class Candidate(_message.Message):
-    __slots__ = ("id", "format", "quantization", "recipe")
+    __slots__ = ("id", "format", "quantization", "recipe", "export")
     ID_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
     RECIPE_FIELD_NUMBER: _ClassVar[int]
+    EXPORT_FIELD_NUMBER: _ClassVar[int]
     id: str
     format: _common_pb2.ExportFormat
     quantization: _common_pb2.QuantizationConfig
     recipe: _containers.RepeatedCompositeFieldContainer[_common_pb2.QuantizationConfig]
-    def __init__(self, id: _Optional[str] = ..., format: _Optional[_Union[_common_pb2.ExportFormat, str]] = ..., quantization: _Optional[_Union[_common_pb2.QuantizationConfig, _Mapping]] = ..., recipe: _Optional[_Iterable[_Union[_common_pb2.QuantizationConfig, _Mapping]]] = ...) -> None: ...
+    export: _common_pb2.ExportOptions
+    def __init__(self, id: _Optional[str] = ..., format: _Optional[_Union[_common_pb2.ExportFormat, str]] = ..., quantization: _Optional[_Union[_common_pb2.QuantizationConfig, _Mapping]] = ..., recipe: _Optional[_Iterable[_Union[_common_pb2.QuantizationConfig, _Mapping]]] = ..., export: _Optional[_Union[_common_pb2.ExportOptions, _Mapping]] = ...) -> None: ...
 
 class BuildProgress(_message.Message):
     __slots__ = ("build", "stage", "candidate_id", "percent", "message", "update_time")

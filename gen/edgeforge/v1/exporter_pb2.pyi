@@ -8,16 +8,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ExportRequest(_message.Message):
-    __slots__ = ("model", "compressed", "format", "float_type")
+    __slots__ = ("model", "compressed", "format", "options", "calibration")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     COMPRESSED_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
-    FLOAT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_FIELD_NUMBER: _ClassVar[int]
     model: str
     compressed: str
     format: _common_pb2.ExportFormat
-    float_type: str
-    def __init__(self, model: _Optional[str] = ..., compressed: _Optional[str] = ..., format: _Optional[_Union[_common_pb2.ExportFormat, str]] = ..., float_type: _Optional[str] = ...) -> None: ...
+    options: _common_pb2.ExportOptions
+    calibration: str
+    def __init__(self, model: _Optional[str] = ..., compressed: _Optional[str] = ..., format: _Optional[_Union[_common_pb2.ExportFormat, str]] = ..., options: _Optional[_Union[_common_pb2.ExportOptions, _Mapping]] = ..., calibration: _Optional[str] = ...) -> None: ...
 
 class ExportResponse(_message.Message):
     __slots__ = ("exported", "validation")

@@ -134,7 +134,15 @@ def test_wrong_types_name_the_field(base, changes, field):
 
 @pytest.mark.parametrize("changes, field, hint", [
     (dict(candidates=[{"format": "ggu"}]), "candidates[0].format", "did you mean 'gguf'"),
-    (dict(candidates=[{"format": "tflite"}]), "candidates[0].format", "is not one of gguf, onnx"),
+    (dict(candidates=[{"format": "tensorrt"}]), "candidates[0].format", "is not one of gguf, onnx, tflite, coreml"),
+    (dict(candidates=[{"format": "onnx", "export": {"onnx_weight_operator": "matmul_4bit"}}]),
+     "candidates[0].export.onnx_weight_operator", "is not one of dequantize_linear, matmul_nbits"),
+    (dict(candidates=[{"format": "coreml", "export": {"coreml": {"palette_mode": "kmean"}}}]),
+     "candidates[0].export.coreml.palette_mode", "did you mean 'kmeans'"),
+    (dict(candidates=[{"format": "coreml", "export": {"coreml": {"sparsity": 1.5}}}]),
+     "candidates[0].export.coreml.sparsity", "must be in [0, 1)"),
+    (dict(candidates=[{"format": "onnx", "export": {"quantise_activations": True}}]),
+     "candidates[0].export.quantise_activations", "did you mean 'int8_activations'"),
     (dict(candidates=[{"format": "onnx", "quantization": {"bits": 8, "granularity": "per_chanel"}}]),
      "candidates[0].quantization.granularity", "did you mean 'per_channel'"),
     (dict(objective="best-quality"), "objective", "did you mean 'best_quality'"),

@@ -158,10 +158,37 @@ def test_onnx_with_gguf_block_type_rejected(store, artifacts):
     assert _invalid(spec, store).field == "candidates[0].quantization.type"
 
 
-def test_onnx_f16_rejected_and_reference_format_rejected(store, artifacts):
+def test_export_options_are_planned_and_misplaced_ones_refused(store, artifacts):
     spec = _spec(artifacts)
     spec.candidates.add(format=ONNX, quantization=common_pb2.QuantizationConfig(method=NONE, gguf_type="f16"))
-    assert _invalid(spec, store).field == "candidates[0].quantization.type"
+    spec.candidates.add(format=ONNX, quantization=common_pb2.QuantizationConfig(
+        method=common_pb2.QUANT_METHOD_RTN, bits=4, granularity=common_pb2.GRANULARITY_PER_GROUP, group_size=32),
+        export=common_pb2.ExportOptions(onnx_weight_operator=common_pb2.ONNX_WEIGHT_OPERATOR_MATMUL_NBITS))
+    spec.candidates.add(format=common_pb2.EXPORT_FORMAT_COREML, export=common_pb2.ExportOptions(
+        float_type="f16", coreml=common_pb2.CoremlOptions(palette_bits=4, sparsity=0.5)))
+    spec.candidates.add(format=common_pb2.EXPORT_FORMAT_GGUF, quantization=common_pb2.QuantizationConfig(
+        method=NONE, gguf_type="bf16"))
+    _, planned = validate(spec, store)
+    assert [c.id for c in planned] == ["onnx-f16", "onnx-int4-g32-sym-matmul_nbits", "coreml-f16-sparse50-pal4k",
+                                       "gguf-bf16"]
+    assert planned[2].recipe()["export"]["coreml"]["palette_bits"] == 4
+    for bad, field in [
+            (dict(format=ONNX, quantization=common_pb2.QuantizationConfig(method=NONE, gguf_type="bf16")),
+             "candidates[0].export.float_type"),
+            (dict(format=ONNX, quantization=common_pb2.QuantizationConfig(method=NONE, gguf_type="f16"),
+                  export=common_pb2.ExportOptions(float_type="f32")), "candidates[0].export.float_type"),
+            (dict(format=common_pb2.EXPORT_FORMAT_GGUF, export=common_pb2.ExportOptions(
+                coreml=common_pb2.CoremlOptions(palette_bits=4))), "candidates[0].export.coreml"),
+            (dict(format=common_pb2.EXPORT_FORMAT_COREML, export=common_pb2.ExportOptions(
+                coreml=common_pb2.CoremlOptions(palette_bits=9))), "candidates[0].export.coreml.palette_bits"),
+            (dict(format=common_pb2.EXPORT_FORMAT_GGUF, export=common_pb2.ExportOptions(int8_activations=True)),
+             "candidates[0].export.int8_activations")]:
+        spec = _spec(artifacts)
+        spec.candidates.add(**bad)
+        assert _invalid(spec, store).field == field
+
+
+def test_reference_and_unspecified_formats_rejected(store, artifacts):
     spec = _spec(artifacts)
     spec.candidates.add(format=common_pb2.EXPORT_FORMAT_REFERENCE)
     assert _invalid(spec, store).field == "candidates[0].format"
