@@ -19,6 +19,8 @@ from torch import nn
 
 from shared.errors import InvalidArgument
 
+MASK_VALUE = float(torch.finfo(torch.float16).min)          # −65504
+
 # Real sentences used to validate exported encoders (tokenized with the model's own tokenizer).
 VALIDATION_SENTENCES = (
     "A man is playing a guitar on a stage in front of a large crowd.",
@@ -108,7 +110,9 @@ class SentenceEncoder(nn.Module):
             e.token_type_embeddings.weight[0]
         x = e.LayerNorm(x)
         mask = attention_mask.to(x.dtype)
-        bias = (1.0 - mask)[:, None, None, :] * torch.finfo(x.dtype).min                # (B, 1, 1, T)
+        # Padding bias: float16's most negative finite value, so the product stays finite when a runtime
+        # computes in float16 (finfo(float32).min would become −inf there, and 0·(−inf) = NaN).
+        bias = (1.0 - mask)[:, None, None, :] * MASK_VALUE                                # (B, 1, 1, T)
         for layer in self.encoder.layer:
             x = layer(x, bias)
         pooled = (x * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1.0)
