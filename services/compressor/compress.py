@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from services.compressor.layerwise import LayerwiseQuantizer
+from services.compressor.layerwise import LayerwiseQuantizer, check_architecture
 from services.compressor.mixed import Allocation, allocate
 from services.compressor.streaming import TensorReport, measure, stream_tensors
 from shared.errors import FailedPrecondition, InvalidArgument
@@ -100,11 +100,14 @@ def compress(model: ModelDir, model_sha256: str, recipe: QuantizationConfig, out
     device = device or default_device()
     plans = plan(model, recipe)
     stats = calibration.stats
-    if (recipe.method is Method.IMATRIX or recipe.mixed is not None or
-            (recipe.method is Method.GPTQ and not recipe.gptq.sequential)) and stats is None:
+    needs_stats = recipe.method is Method.IMATRIX or recipe.mixed is not None or \
+        (recipe.method is Method.GPTQ and not recipe.gptq.sequential)
+    layerwise = needs_sequences(steps)
+    if needs_stats or layerwise:
+        check_architecture(model.config, steps)          # before any long work
+    if needs_stats and stats is None:
         raise FailedPrecondition(f"method {recipe.method.value}{' with mixed_precision' if recipe.mixed else ''} "
                                  "needs calibration statistics (calibration_stats)", field="calibration_stats")
-    layerwise = needs_sequences(steps)
     if layerwise and calibration.sequences is None:
         raise FailedPrecondition(f"method {'+'.join(s.method.value for s in steps)} runs the model block by block "
                                  "and needs calibration text (calibration_dataset)", field="calibration_dataset")

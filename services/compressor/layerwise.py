@@ -24,8 +24,10 @@ import torch
 from services.compressor.quant.awq import attention_core, awq_block
 from services.compressor.quant.gptq import GptqResult, gptq, relative_output_error
 from services.compressor.quant.rtn import quantize
+from shared.errors import FailedPrecondition
 from shared.models import blockwise
 from shared.models.bundle import ModelDir
+from shared.models.decoder_config import DecoderConfig
 from shared.quant.grids import Grid, Method, QuantizationConfig
 from shared.quant.qtensor import GgufTensor, QuantizedTensor
 
@@ -58,6 +60,22 @@ class HessianAccumulator:
 
     def importance(self) -> np.ndarray:
         return (self.energy / max(self.count, 1)).float().cpu().numpy()
+
+
+def check_architecture(config: DecoderConfig, steps: list[QuantizationConfig]) -> None:
+    """FailedPrecondition (UNSUPPORTED_ARCH) for what calibrated quantization cannot run: the block-by-block
+    methods and the calibrator's statistics drive llama/qwen2 blocks (shared/models/blockwise.py: one
+    rotary table, pre-norm residuals, SiLU MLP), so not gemma3; and AWQ folds o_proj's input scales into
+    v_proj's rows, which would also have to scale qwen2's v_proj bias."""
+    methods = "+".join(step.method.value for step in steps)
+    if config.architecture not in blockwise.BLOCKWISE_ARCHITECTURES:
+        supported = ", ".join(blockwise.BLOCKWISE_ARCHITECTURES)
+        raise FailedPrecondition(f"{methods} calibrates block by block, which supports {supported}, not "
+                                 f"architecture {config.architecture!r}; use rtn", reason="UNSUPPORTED_ARCH",
+                                 field="quantization")
+    if config.qkv_bias and any(step.method is Method.AWQ for step in steps):
+        raise FailedPrecondition(f"awq does not support architecture {config.architecture!r} (its v_proj bias); "
+                                 "use gptq or rtn", reason="UNSUPPORTED_ARCH", field="quantization")
 
 
 def _set_weight(linear: torch.nn.Linear, value: torch.Tensor) -> None:
@@ -150,8 +168,9 @@ class LayerwiseQuantizer:
             activations[part] = torch.nn.functional.silu(mlp.gate_proj(x2)) * mlp.up_proj(x2)
             acc.add(activations[part])
         quantize_group(["mlp.down_proj"], acc)
-        for suffix in ("input_layernorm", "post_attention_layernorm"):
-            out[f"{prefix}{suffix}.weight"] = dict(block.named_modules())[suffix].weight.data.cpu().numpy().copy()
+        for name, parameter in block.named_parameters():     # norms (AWQ may have scaled them), qwen2's biases
+            if f"{prefix}{name}" not in out:
+                out[f"{prefix}{name}"] = parameter.data.cpu().numpy().copy()
         if float_weights is not None:                   # AWQ/RTN: the next block sees the float block's outputs
             del activations, h2
             block.load_state_dict(float_weights, assign=True)

@@ -15,6 +15,7 @@ from shared.models.bundle import ModelDir
 from shared.models.llama import DecoderLayer
 from shared.models.decoder_config import DecoderConfig
 
+BLOCKWISE_ARCHITECTURES = ("llama", "qwen2")      # blocks this module runs (gemma3: sliding windows, 4 norms)
 BATCH = 8                       # sequences per forward pass
 
 

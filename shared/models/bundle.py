@@ -29,7 +29,7 @@ from shared.models.decoder_config import DecoderConfig, load_config
 
 MEDIA_TYPE = "application/x-edgeforge-model+tar"
 _MEMBER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_ALLOWED_SUFFIXES = (".json", ".safetensors", ".txt", ".model", ".jinja")
+_ALLOWED_SUFFIXES = (".json", ".safetensors", ".txt", ".model", ".jinja", ".gguf")   # .gguf: a carried vocabulary
 MAX_HEADER_BYTES = 100 << 20                  # safetensors JSON headers above this are refused
 CHUNK_BYTES = 64 << 20                        # float32 bytes of one row chunk (row_chunks' default)
 _NUMPY = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F8_E4M3": np.uint8,
@@ -176,7 +176,7 @@ def read_rows(tensor: StoredTensor, start: int, stop: int) -> np.ndarray:
 
 
 class ModelDir:
-    """An unpacked llama model directory. Tensors are read one at a time from memory-mapped files."""
+    """An unpacked decoder model directory (llama, qwen2, gemma3). Tensors are read by positioned reads."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -200,6 +200,11 @@ class ModelDir:
 
     @property
     def tokenizer_path(self) -> Path:
+        """tokenizer.json (HF), else tokenizer.gguf: a vocabulary carried verbatim from a GGUF source
+        (SentencePiece, or a pre-tokenizer with no tokenizer.json equivalent here; see tokenizer.py)."""
+        carried = self.path / "tokenizer.gguf"
+        if not (self.path / "tokenizer.json").is_file() and carried.is_file():
+            return carried
         return self.path / "tokenizer.json"
 
     def tokenizer_config(self) -> dict:
@@ -261,12 +266,14 @@ class ModelDir:
 
 
 def write_model_dir(directory: Path, config: DecoderConfig, tensors: Iterator[tuple[str, np.ndarray]],
-                    tokenizer_json: str, tokenizer_config: dict) -> None:
-    """Writes a float32 HF directory: config.json, model.safetensors (streamed), tokenizer files."""
+                    tokenizer_json: str | None, tokenizer_config: dict) -> None:
+    """Writes a float32 HF directory: config.json, model.safetensors (streamed), tokenizer files
+    (tokenizer_json None: the caller writes the vocabulary itself, e.g. a tokenizer.gguf)."""
     from shared.tensors.safetensors_writer import write_safetensors
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(config.to_hf(), indent=2, sort_keys=True))
     shapes = {name: (shape, "F32") for name, shape in config.tensor_shapes().items()}
     write_safetensors(directory / "model.safetensors", shapes, tensors, metadata={"format": "pt"})
-    (directory / "tokenizer.json").write_text(tokenizer_json)
+    if tokenizer_json is not None:
+        (directory / "tokenizer.json").write_text(tokenizer_json)
     (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, sort_keys=True))

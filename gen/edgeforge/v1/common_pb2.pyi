@@ -90,6 +90,9 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INSUFFICIENT_DATA: _ClassVar[ErrorReason]
     VALIDATION_FAILED: _ClassVar[ErrorReason]
     DEPENDENCY_FAILED: _ClassVar[ErrorReason]
+    UNSUPPORTED_ARCH: _ClassVar[ErrorReason]
+    MISSING_CALIBRATION: _ClassVar[ErrorReason]
+    MALFORMED_ARTIFACT: _ClassVar[ErrorReason]
 ARTIFACT_KIND_UNSPECIFIED: ArtifactKind
 ARTIFACT_KIND_SOURCE_MODEL: ArtifactKind
 ARTIFACT_KIND_MODEL: ArtifactKind
@@ -142,6 +145,9 @@ MALFORMED_MODEL: ErrorReason
 INSUFFICIENT_DATA: ErrorReason
 VALIDATION_FAILED: ErrorReason
 DEPENDENCY_FAILED: ErrorReason
+UNSUPPORTED_ARCH: ErrorReason
+MISSING_CALIBRATION: ErrorReason
+MALFORMED_ARTIFACT: ErrorReason
 
 class Artifact(_message.Message):
     __slots__ = ("name", "kind", "sha256", "size_bytes", "media_type", "display_name", "create_time", "lineage", "labels")

@@ -52,7 +52,7 @@ def test_gguf_vocabulary_round_trips_the_original(model):
 def test_import_refuses_other_architectures(tmp_path):
     import gguf
     path = tmp_path / "other.gguf"
-    writer = gguf.GGUFWriter(path, "gemma3")
+    writer = gguf.GGUFWriter(path, "phi3")
     writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -60,7 +60,7 @@ def test_import_refuses_other_architectures(tmp_path):
     writer.close()
     with pytest.raises(InvalidArgument) as error:
         import_gguf(path, tmp_path / "out")
-    assert error.value.reason == "UNKNOWN_MODEL_FORMAT" and "gemma3" in error.value.message
+    assert error.value.reason == "UNKNOWN_MODEL_FORMAT" and "phi3" in error.value.message
     assert not (tmp_path / "out").exists()
 
 
