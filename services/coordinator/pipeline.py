@@ -94,17 +94,18 @@ class BuildRunner:
         model = imported.model.name
         self.build.reference_model = model
 
-        self.step(Stage.BUILD_STAGE_CALIBRATE, 5, "calibrating activation statistics")
-        calibration = {"samples": spec.calibration.samples, "sequence_length": spec.calibration.sequence_length,
-                       "hessians": self.needs_hessians()}      # XᵀX doubles calibration time: only when used
-        calibrated, reused = self.memoized(
-            "calibrate", [model, spec.calibration.dataset, calibration, STATS_VERSION],
-            lambda: workers.call(workers.calibrator.Calibrate, calibrator_pb2.CalibrateRequest(
-                model=model, dataset=spec.calibration.dataset, **calibration)),
-            calibrator_pb2.CalibrateResponse, lambda r: [r.stats.name])
-        self.build.calibration_stats = calibrated.stats.name
-        if reused:
-            log.info("%s reused calibration %s", self.build.name, calibrated.stats.name)
+        if self.needs_calibration():
+            self.step(Stage.BUILD_STAGE_CALIBRATE, 5, "calibrating activation statistics")
+            calibration = {"samples": spec.calibration.samples, "sequence_length": spec.calibration.sequence_length,
+                           "hessians": self.needs_hessians()}      # XᵀX doubles calibration time: only when used
+            calibrated, reused = self.memoized(
+                "calibrate", [model, spec.calibration.dataset, calibration, STATS_VERSION],
+                lambda: workers.call(workers.calibrator.Calibrate, calibrator_pb2.CalibrateRequest(
+                    model=model, dataset=spec.calibration.dataset, **calibration)),
+                calibrator_pb2.CalibrateResponse, lambda r: [r.stats.name])
+            self.build.calibration_stats = calibrated.stats.name
+            if reused:
+                log.info("%s reused calibration %s", self.build.name, calibrated.stats.name)
 
         self.step(Stage.BUILD_STAGE_EVALUATE, 12, "evaluating the float32 reference")
         baseline = self.evaluate(model, ExportFormat.REFERENCE, model)
@@ -120,6 +121,12 @@ class BuildRunner:
         self.step(Stage.BUILD_STAGE_SELECT, 97, "writing the report")
         self.build.state = coordinator_pb2.BUILD_STATE_SUCCEEDED      # what the report describes
         benchmarks.write_reports(self)
+
+    def needs_calibration(self) -> bool:
+        """Calibrated methods, multi-step recipes and int8 activations read the calibrator's statistics;
+        RTN and float candidates do not (so a build of only those skips the stage)."""
+        return any(candidate.quantization.calibrated or candidate.pre_steps or candidate.options.int8_activations
+                   for candidate in plan(self.build.spec))
 
     def needs_hessians(self) -> bool:
         """Mixed precision and GPTQ without sequential calibration read the calibrator's Hessians."""

@@ -85,3 +85,27 @@ def test_refusals_name_the_problem_and_store_nothing(coordinator, uploaded, tmp_
             assert reason(error) == why, (fields, error.value.details())
     assert stored(coordinator) == before                                 # nothing half-written became visible
     assert not list((tmp_path / "data" / "cache" / "tmp").glob("export-*"))   # scratch cleaned up
+
+
+def test_tflite_export_is_validated_in_litert(coordinator, uploaded):
+    model, _ = uploaded
+    exporter = exporter_pb2_grpc.ExporterStub(coordinator.channel)
+    response = exporter.Export(exporter_pb2.ExportRequest(model=model, format=common_pb2.EXPORT_FORMAT_TFLITE),
+                               timeout=1800)
+    assert response.validation.runtime.startswith("ai-edge-litert") and response.validation.top1_agreement > 0.99
+    lineage = response.exported.lineage
+    assert {"litert-torch", "ai-edge-litert"} <= set(lineage.tool_versions)
+    assert dict(lineage.fidelity)["max_abs_diff"] < 1e-3
+
+
+def test_coreml_package_is_proven_by_reading_it_back(coordinator, uploaded):
+    model, _ = uploaded
+    exporter = exporter_pb2_grpc.ExporterStub(coordinator.channel)
+    response = exporter.Export(exporter_pb2.ExportRequest(
+        model=model, format=common_pb2.EXPORT_FORMAT_COREML, options=common_pb2.ExportOptions(float_type="f16")),
+        timeout=1800)
+    assert response.exported.media_type.endswith("mlpackage+tar")
+    assert "read back only" in response.validation.runtime and "macOS" in response.validation.runtime
+    assert response.validation.positions == 0 and response.validation.loaded
+    package = dict(response.exported.lineage.fidelity)["package"]
+    assert package and "coremltools" in response.exported.lineage.tool_versions
