@@ -1,15 +1,23 @@
-"""A llama causal LM as an ONNX graph with a KV cache, built node by node with onnx.helper.
+"""A decoder-only causal LM (llama, qwen2, gemma3) as an ONNX graph with a KV cache, built node by node.
 
 Inputs:  input_ids int64 (batch, sequence);
-         past_key_values.{i}.key / .value float32 (batch, kv_heads, past_sequence, head_dim).
-Outputs: logits float32 (batch, sequence, vocab);
-         present.{i}.key / .value float32 (batch, kv_heads, past_sequence + sequence, head_dim).
+         past_key_values.{i}.key / .value (batch, kv_heads, past_sequence, head_dim), compute type.
+Outputs: logits float32 (batch, sequence, vocab), whatever the compute type;
+         present.{i}.key / .value (batch, kv_heads, past_sequence + sequence, head_dim), compute type.
 Feed zero-length pasts for the first step, then the presents back as pasts to generate token by token.
 
-Standard opset-21 operators only, so it runs in any onnxruntime build (mobile included). Linear
-weights are either float initializers or DequantizeLinear nodes over our own integer codes
-(per-channel int8/uint8, or blocked int4/uint4 for per-group grids): onnxruntime dequantizes exactly
-the values the compressor chose, nothing is re-quantized.
+Standard opset-21 operators (plus com.microsoft MatMulNBits when asked for), so the float and
+DequantizeLinear graphs run in any onnxruntime build, mobile included. How each linear is written
+(float, DequantizeLinear over our codes, MatMulNBits, static QDQ inputs) is onnx_weights.py's
+business; every quantized weight is dequantized by the runtime to exactly the compressor's values.
+With float16 activations the RMS norms still run in float32 (x² of llama's residual stream exceeds
+float16's range), as in Hugging Face's LlamaRMSNorm.
+
+Architectures follow shared/models/llama.py (the reference the graph is tested against): qwen2 adds
+q/k/v biases; gemma3 scales norms by (1 + weight), normalises each query and key head, norms after
+attention and around the MLP, scales embeddings by √d, gates with GELU(tanh), scales scores by
+query_pre_attn_scalar^-½, restricts local layers to a sliding window with their own rotary base, and
+may soft-cap the logits. The KV cache keeps every position; the window is a mask.
 """
 from __future__ import annotations
 
@@ -17,176 +25,154 @@ from typing import Callable
 
 import numpy as np
 
+from services.exporter.formats.onnx_builder import GraphBuilder
+from services.exporter.formats.onnx_weights import Linears, cast, float_const
 from shared.models.decoder_config import DecoderConfig
-from shared.quant.grids import Granularity
 from shared.quant.qtensor import QuantizedTensor
 
 OPSET = 21
-FLOAT_MIN = float(np.finfo(np.float32).min)
 
 
-class GraphBuilder:
-    """Accumulates nodes and initializers; names are made unique by a counter."""
-
-    def __init__(self):
-        self.nodes, self.initializers, self._count = [], [], 0
-
-    def fresh(self, hint: str) -> str:
-        self._count += 1
-        return f"{hint}_{self._count}"
-
-    def op(self, op_type: str, inputs: list[str], hint: str = "", **attributes) -> str:
-        from onnx import helper
-        out = self.fresh(hint or op_type.lower())
-        self.nodes.append(helper.make_node(op_type, inputs, [out], name=out, **attributes))
-        return out
-
-    def const(self, name: str, array: np.ndarray) -> str:
-        from onnx import numpy_helper
-        self.initializers.append(numpy_helper.from_array(np.asarray(array), name))
-        return name
-
-    def ints(self, values: list[int]) -> str:
-        return self.const(self.fresh("const"), np.array(values, dtype=np.int64))
-
-
-def int4_const(g: GraphBuilder, name: str, array: np.ndarray, signed: bool) -> str:
-    """An INT4/UINT4 initializer: two values per byte, the first in the low nibble (ONNX's packing)."""
-    import onnx
-    flat = (array.astype(np.int16).reshape(-1) & 0x0F).astype(np.uint8)
-    if flat.size % 2:
-        flat = np.append(flat, np.uint8(0))
-    tensor = onnx.TensorProto(name=name, dims=list(array.shape),
-                              data_type=onnx.TensorProto.INT4 if signed else onnx.TensorProto.UINT4)
-    tensor.raw_data = (flat[0::2] | (flat[1::2] << 4)).tobytes()
-    g.initializers.append(tensor)
-    return name
-
-
-def linear_weight(g: GraphBuilder, name: str, value: np.ndarray | QuantizedTensor) -> str:
-    """A tensor equal to Wᵀ (in_features, out_features), for MatMul(x, Wᵀ)."""
-    if not isinstance(value, QuantizedTensor):
-        return g.const(name, np.ascontiguousarray(value.T, dtype=np.float32))
-    grid = value.grid
-    offset = 1 << (grid.bits - 1)
-    if grid.symmetric:
-        codes = (value.codes.astype(np.int16) - offset).astype(np.int8)          # signed q
-        zeros = np.zeros(value.scales.shape, dtype=np.int8)
-    else:
-        codes, zeros = value.codes, value.zeros
-    scales = value.scales.astype(np.float32)
-    make = (lambda tensor_name, array: int4_const(g, tensor_name, array, grid.symmetric)) if grid.bits == 4 \
-        else g.const
-    if grid.granularity is Granularity.PER_TENSOR:
-        q = make(name + ".codes", np.ascontiguousarray(codes.T))
-        s = g.const(name + ".scales", scales.reshape(()))
-        z = make(name + ".zeros", zeros.reshape(()))
-        return g.op("DequantizeLinear", [q, s, z], name)
-    if grid.granularity is Granularity.PER_CHANNEL:
-        q = make(name + ".codes", np.ascontiguousarray(codes.T))                    # (in, out)
-        s = g.const(name + ".scales", scales[:, 0])                                  # (out,)
-        z = make(name + ".zeros", zeros[:, 0])
-        return g.op("DequantizeLinear", [q, s, z], name, axis=1)
-    q = make(name + ".codes", np.ascontiguousarray(codes.T))                        # (in, out)
-    s = g.const(name + ".scales", np.ascontiguousarray(scales.T))                    # (in/group, out)
-    z = make(name + ".zeros", np.ascontiguousarray(zeros.T))
-    return g.op("DequantizeLinear", [q, s, z], name, axis=0, block_size=grid.group_size)
-
-
-def build_llama(config: DecoderConfig, tensor: Callable[[str], np.ndarray | QuantizedTensor]):
-    """Returns an onnx.ModelProto. `tensor(hf_name)` gives float32 arrays or QuantizedTensors."""
-    import onnx
+def build_decoder(config: DecoderConfig, tensor: Callable[[str], np.ndarray | QuantizedTensor], g: GraphBuilder,
+                linears: Linears):
+    """Returns an onnx.ModelProto. `tensor(hf_name)` gives float32 arrays or QuantizedTensors; `g`
+    decides where initializers go; `linears` how weights and activations are written."""
     from onnx import TensorProto, helper
 
-    g = GraphBuilder()
+    precision = linears.precision
+    dtype = np.dtype(precision.compute)
     H, KV, hd, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.hidden_size
     group = H // KV
-    L = config.num_hidden_layers
+    gemma = getattr(config, "architecture", "llama") == "gemma3"
+    norm_offset = np.float32(getattr(config, "norm_offset", 0.0))
 
-    # Rotary tables for every position, gathered by the step's positions.
-    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
-    angles = np.outer(np.arange(config.max_position_embeddings, dtype=np.float32), inv_freq.astype(np.float32))
-    angles = np.concatenate([angles, angles], axis=-1)                                # (positions, hd)
-    cos_table = g.const("rope.cos", np.cos(angles).astype(np.float32))
-    sin_table = g.const("rope.sin", np.sin(angles).astype(np.float32))
-
-    # Positions past..past+seq and the causal bias (seq, total).
+    # Positions past..past+seq of this step.
     zero, one, two = g.ints([0]), g.ints([1]), g.ints([2])
     past_len = g.op("Squeeze", [g.op("Gather", [g.op("Shape", ["past_key_values.0.key"]), two], axis=0)])
     seq_len = g.op("Squeeze", [g.op("Gather", [g.op("Shape", ["input_ids"]), one], axis=0)])
     total_len = g.op("Add", [past_len, seq_len])
-    step = g.const("scalar.one", np.array(1, dtype=np.int64))
+    step = g.scalar("scalar.one", 1, np.int64)
     positions = g.op("Range", [past_len, total_len, step])                            # (seq,)
-    cos = g.op("Unsqueeze", [g.op("Gather", [cos_table, positions], axis=0), g.ints([0, 1])])   # (1,1,seq,hd)
-    sin = g.op("Unsqueeze", [g.op("Gather", [sin_table, positions], axis=0), g.ints([0, 1])])
-    key_positions = g.op("Range", [g.const("scalar.zero", np.array(0, dtype=np.int64)), total_len, step])
-    allowed = g.op("LessOrEqual", [g.op("Unsqueeze", [key_positions, zero]),          # (1, total)
-                                   g.op("Unsqueeze", [positions, one])])              # (seq, 1)
-    bias = g.op("Where", [allowed, g.const("scalar.f0", np.array(0.0, dtype=np.float32)),
-                          g.const("scalar.fmin", np.array(FLOAT_MIN, dtype=np.float32))])  # (seq, total)
-    eps = g.const("rms.eps", np.array(config.rms_norm_eps, dtype=np.float32))
-    scale = g.const("attn.scale", np.array(1.0 / np.sqrt(hd), dtype=np.float32))
+    key_positions = g.op("Range", [g.scalar("scalar.zero", 0, np.int64), total_len, step])
+    distance = g.op("Sub", [g.op("Unsqueeze", [positions, one]),                      # (seq, 1)
+                            g.op("Unsqueeze", [key_positions, zero])])                # (1, total) -> (seq, total)
+
+    position_values = g.op("Unsqueeze", [cast(g, positions, np.float32), one])         # (seq, 1)
+
+    def rotary(base: float, name: str) -> tuple[str, str]:
+        """cos, sin (1, 1, seq, hd) of the step's positions, computed in the graph as the reference does
+        (float32 position × float32 inverse frequency); tables over max_position_embeddings would
+        weigh up to half a GB for long-context models."""
+        inv_freq = (1.0 / (base ** (np.arange(0, hd, 2, dtype=np.float64) / hd))).astype(np.float32)
+        angles = g.op("Mul", [position_values, g.const(name + ".inv_freq", inv_freq)])  # (seq, hd/2)
+        angles = g.op("Unsqueeze", [g.op("Concat", [angles, angles], axis=-1), g.ints([0, 1])])   # (1,1,seq,hd)
+        cos, sin = g.op("Cos", [angles]), g.op("Sin", [angles])
+        return (cast(g, cos, dtype), cast(g, sin, dtype)) if precision.half else (cos, sin)
+
+    def attention_bias(window: int) -> str:
+        """(seq, total): 0 where a query may attend a key (causal; within `window` if set), else −max."""
+        allowed = g.op("GreaterOrEqual", [distance, g.scalar(g.fresh("scalar.0"), 0, np.int64)])
+        if window:
+            allowed = g.op("And", [allowed, g.op("Less", [distance, g.scalar(g.fresh("window"), window, np.int64)])])
+        return g.op("Where", [allowed, g.scalar(g.fresh("scalar.f0"), 0.0, dtype),
+                              g.scalar(g.fresh("scalar.fmin"), np.finfo(dtype).min, dtype)])
+
+    global_rotary = rotary(config.rope_theta, "rope")
+    local_rotary = rotary(config.rope_local_base_freq, "rope.local") if gemma else global_rotary
+    global_bias = attention_bias(0)
+    local_bias = attention_bias(config.sliding_window) if gemma and config.sliding_window else global_bias
+    eps = g.scalar("rms.eps", config.rms_norm_eps, np.float32)
+    scale = g.scalar("attn.scale", (config.query_pre_attn_scalar if gemma else hd) ** -0.5, dtype)
     last_axis = g.ints([-1])
 
-    def rms_norm(x: str, weight_name: str) -> str:
-        mean_square = g.op("ReduceMean", [g.op("Mul", [x, x]), last_axis], keepdims=1)
-        normed = g.op("Mul", [x, g.op("Reciprocal", [g.op("Sqrt", [g.op("Add", [mean_square, eps])])])])
-        return g.op("Mul", [normed, g.const(weight_name, tensor(weight_name))])
+    def rms_norm(x: str, weight_name: str) -> str:                                    # in float32
+        x32 = cast(g, x, np.float32) if precision.half else x
+        mean_square = g.op("ReduceMean", [g.op("Mul", [x32, x32]), last_axis], keepdims=1)
+        normed = g.op("Mul", [x32, g.op("Reciprocal", [g.op("Sqrt", [g.op("Add", [mean_square, eps])])])])
+        normed = cast(g, normed, dtype) if precision.half else normed
+        weight = tensor(weight_name) + norm_offset if norm_offset else tensor(weight_name)    # gemma3: (1 + w)
+        return g.op("Mul", [normed, float_const(g, weight_name, weight, precision)])
 
     def linear(x: str, weight_name: str) -> str:
-        return g.op("MatMul", [x, linear_weight(g, weight_name, tensor(weight_name))])
+        y = linears(x, weight_name, tensor(weight_name))
+        bias_name = weight_name.removesuffix(".weight") + ".bias"
+        if getattr(config, "qkv_bias", False) and ".self_attn." in bias_name and ".o_proj." not in bias_name:
+            y = g.op("Add", [y, float_const(g, bias_name, tensor(bias_name), precision)])           # qwen2
+        return y
 
-    def rotate(x: str) -> str:                                                        # x·cos + rotate_half(x)·sin
+    def rotate(x: str, cos: str, sin: str) -> str:                                    # x·cos + rotate_half(x)·sin
         first = g.op("Slice", [x, g.ints([0]), g.ints([hd // 2]), g.ints([3])])
         second = g.op("Slice", [x, g.ints([hd // 2]), g.ints([hd]), g.ints([3])])
         rotated = g.op("Concat", [g.op("Neg", [second]), first], axis=3)
         return g.op("Add", [g.op("Mul", [x, cos]), g.op("Mul", [rotated, sin])])
 
-    def heads(x: str, count: int) -> str:                                             # (B,S,count·hd) -> (B,count,S,hd)
+    def heads(x: str, count: int) -> str:                                   # (B,S,count·hd) -> (B,count,S,hd)
         return g.op("Transpose", [g.op("Reshape", [x, g.ints([0, 0, count, hd])])], perm=[0, 2, 1, 3])
 
+    def activation(gate: str) -> str:
+        if gemma:
+            return g.op("Gelu", [gate], approximate="tanh")
+        return g.op("Mul", [gate, g.op("Sigmoid", [gate])])                             # SiLU
+
+    onnx_dtype = precision.onnx_compute()
     embed_name = "model.embed_tokens.weight"
-    embedding = g.const(embed_name, tensor(embed_name))
+    embedding = float_const(g, embed_name, tensor(embed_name), precision)
     x = g.op("Gather", [embedding, "input_ids"], axis=0)                              # (B, S, d)
+    if gemma:
+        x = g.op("Mul", [x, g.scalar("embed.scale", np.float32(d ** 0.5), dtype)])
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", config.vocab_size])]
-    for i in range(L):
+    for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
+        local = gemma and config.is_sliding(i)
+        cos, sin = local_rotary if local else global_rotary
         h = rms_norm(x, p + "input_layernorm.weight")
-        q = rotate(heads(linear(h, p + "self_attn.q_proj.weight"), H))              # (B,H,S,hd)
-        k = rotate(heads(linear(h, p + "self_attn.k_proj.weight"), KV))             # (B,KV,S,hd)
+        q = heads(linear(h, p + "self_attn.q_proj.weight"), H)                       # (B,H,S,hd)
+        k = heads(linear(h, p + "self_attn.k_proj.weight"), KV)                      # (B,KV,S,hd)
         v = heads(linear(h, p + "self_attn.v_proj.weight"), KV)
+        if gemma:
+            q, k = rms_norm(q, p + "self_attn.q_norm.weight"), rms_norm(k, p + "self_attn.k_norm.weight")
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
-        present_k, present_v = f"present.{i}.key", f"present.{i}.value"
-        g.nodes.append(helper.make_node("Concat", [past_k, k], [present_k], axis=2, name=present_k))
-        g.nodes.append(helper.make_node("Concat", [past_v, v], [present_v], axis=2, name=present_v))
+        present_k = g.node("Concat", [past_k, k], f"present.{i}.key", axis=2)
+        present_v = g.node("Concat", [past_v, v], f"present.{i}.value", axis=2)
         for name in (past_k, past_v):
-            inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", KV, "past_sequence", hd]))
+            inputs.append(helper.make_tensor_value_info(name, onnx_dtype, ["batch", KV, "past_sequence", hd]))
         for name in (present_k, present_v):
-            outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", KV, "total_sequence", hd]))
+            outputs.append(helper.make_tensor_value_info(name, onnx_dtype, ["batch", KV, "total_sequence", hd]))
         # Grouped-query attention by broadcasting: q (B,KV,group,S,hd) against k,v (B,KV,1,T,hd).
         q5 = g.op("Reshape", [q, g.ints([0, KV, group, -1, hd])])
         k5 = g.op("Unsqueeze", [present_k, two])
         v5 = g.op("Unsqueeze", [present_v, two])
         scores = g.op("Mul", [g.op("MatMul", [q5, g.op("Transpose", [k5], perm=[0, 1, 2, 4, 3])]), scale])
-        weights = g.op("Softmax", [g.op("Add", [scores, bias])], axis=-1)            # (B,KV,group,S,T)
+        weights = g.op("Softmax", [g.op("Add", [scores, local_bias if local else global_bias])], axis=-1)
         y = g.op("Reshape", [g.op("MatMul", [weights, v5]), g.ints([0, H, -1, hd])])  # (B,H,S,hd)
-        y = g.op("Reshape", [g.op("Transpose", [y], perm=[0, 2, 1, 3]), g.ints([0, 0, d])])
-        x = g.op("Add", [x, linear(y, p + "self_attn.o_proj.weight")])
-        h = rms_norm(x, p + "post_attention_layernorm.weight")
-        gate = linear(h, p + "mlp.gate_proj.weight")
-        up = linear(h, p + "mlp.up_proj.weight")
-        x = g.op("Add", [x, linear(g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up]),
-                                   p + "mlp.down_proj.weight")])
+        y = g.op("Reshape", [g.op("Transpose", [y], perm=[0, 2, 1, 3]), g.ints([0, 0, H * hd])])
+        attended = linear(y, p + "self_attn.o_proj.weight")
+        if gemma:                                                                      # norms after, and around the MLP
+            x = g.op("Add", [x, rms_norm(attended, p + "post_attention_layernorm.weight")])
+            h = rms_norm(x, p + "pre_feedforward_layernorm.weight")
+        else:
+            x = g.op("Add", [x, attended])
+            h = rms_norm(x, p + "post_attention_layernorm.weight")
+        gated = g.op("Mul", [activation(linear(h, p + "mlp.gate_proj.weight")), linear(h, p + "mlp.up_proj.weight")])
+        y = linear(gated, p + "mlp.down_proj.weight")
+        x = g.op("Add", [x, rms_norm(y, p + "post_feedforward_layernorm.weight") if gemma else y])
     h = rms_norm(x, "model.norm.weight")
     flat = g.op("Reshape", [h, g.ints([-1, d])])
-    head = embedding if config.tie_word_embeddings else g.const("lm_head.weight", tensor("lm_head.weight"))
+    head = embedding if config.tie_word_embeddings else \
+        float_const(g, "lm_head.weight", tensor("lm_head.weight"), precision)
     logits = g.op("Gemm", [flat, head], transB=1)                                     # (B·S, vocab)
+    if precision.half:
+        logits = cast(g, logits, np.float32)
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        cap_value = g.scalar("logits.cap", cap, np.float32)
+        logits = g.op("Mul", [g.op("Tanh", [g.op("Div", [logits, cap_value])]), cap_value])
     batch_seq = g.op("Slice", [g.op("Shape", ["input_ids"]), zero, two, zero])
     shape = g.op("Concat", [batch_seq, g.ints([config.vocab_size])], axis=0)
-    g.nodes.append(helper.make_node("Reshape", [logits, shape], ["logits"], name="logits"))
-    graph = helper.make_graph(g.nodes, "llama", inputs, outputs, initializer=g.initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="edgeforge")
-    model.ir_version = 10
-    onnx.checker.check_model(model, full_check=False)
-    return model
+    g.node("Reshape", [logits, shape], "logits")
+    opsets = {"": OPSET}
+    if any(node.domain == "com.microsoft" for node in g.nodes):
+        opsets["com.microsoft"] = 1
+    return g.model("decoder", inputs, outputs, opsets)
