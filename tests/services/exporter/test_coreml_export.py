@@ -219,12 +219,25 @@ def test_minilm_float16_and_int8(minilm):
         assert [i["name"] for i in record["inputs"]] == ["input_ids", "attention_mask"]
         assert all(i["dtype"] == "int32" and i["shape_range"][1] == [1, 128] for i in record["inputs"])
         assert record["infinite_multipliers"] == 0
-    # torch's additive mask (1 − mask)·finfo(float32).min is −inf in float16; 0·(−inf) would be NaN.
-    assert exports["f16"][0].provenance["graph_passes"]["FiniteMultipliers"]
     weights = exports["int8"][1]
     ours = weights["encoder.layer.3.intermediate.dense.weight"]
     assert np.array_equal(decoded(exports["int8"][0].path, "encoder.layer.3.intermediate.dense.weight"),
                           ours.dequantize().astype(np.float16))
+
+
+class _MaskedSum(torch.nn.Module):
+    """torch's usual additive mask, (1 − mask)·finfo(float32).min: −inf once the program is float16."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        bias = (1.0 - mask.to(x.dtype)) * torch.finfo(torch.float32).min
+        return torch.softmax(x + bias, dim=-1)
+
+
+def test_float16_masks_are_made_finite(tmp_path):
+    inputs = {"x": torch.randn(2, 8), "mask": torch.tensor([[1] * 8, [1] * 5 + [0] * 3])}
+    exported = export_module(_MaskedSum(), inputs, F16, tmp_path / "mask.mlpackage", output_names=("probs",))
+    assert exported.provenance["graph_passes"]["FiniteMultipliers"]        # the −inf became −65504
+    assert exported.provenance["validation"]["infinite_multipliers"] == 0
 
 
 @MACOS_ONLY
