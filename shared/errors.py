@@ -72,3 +72,13 @@ class Cancelled(EdgeforgeError):
 
 class Internal(EdgeforgeError):
     code = "INTERNAL"
+
+
+class Unauthenticated(EdgeforgeError):
+    code = "UNAUTHENTICATED"
+    reason = "INVALID_TOKEN"
+
+
+class PermissionDenied(EdgeforgeError):
+    code = "PERMISSION_DENIED"
+    reason = "WRONG_ROLE"

@@ -18,10 +18,11 @@ CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 Registration = tuple[Callable, object, str]
 
 
-def create_server(address: str, registrations: Iterable[Registration], *,
-                  max_workers: int = 32) -> tuple[grpc.Server, int, health.HealthServicer]:
+def create_server(address: str, registrations: Iterable[Registration], *, max_workers: int = 32,
+                  interceptors: Iterable[grpc.ServerInterceptor] = ()) -> tuple[grpc.Server, int, health.HealthServicer]:
     """Builds and starts a server on `address` ("127.0.0.1:0" picks a free port). Returns (server, port, health)."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=CHANNEL_OPTIONS)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=CHANNEL_OPTIONS,
+                         interceptors=list(interceptors))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [health.SERVICE_NAME, reflection.SERVICE_NAME]

@@ -4,7 +4,8 @@ Exit codes:
   0  success
   1  the build or a call failed (the message says why)
   2  bad spec, bad argument or unknown model format (nothing was started)
-  3  the build finished, but on some device no candidate met the constraints
+  3  the build finished, but on some target no candidate met the constraints (the nearest misses
+     are listed)
   4  the coordinator could not be reached
   5  the build was cancelled
 """
@@ -45,16 +46,74 @@ def _rpc_exit(error: grpc.RpcError) -> int:
     return _fail(f"{error.code().name}{' ' + reason if reason else ''}{where}: {error.details()}", code)
 
 
+def local_agent_token(tokens, data_dir: Path) -> Path:
+    """The token file of `edgeforge up`'s own agent: reused while it is live, replaced when revoked."""
+    from shared.errors import Unauthenticated
+    path = data_dir / "local-agent.token"
+    if path.is_file():
+        try:
+            tokens.verify(path.read_text().strip())
+            return path
+        except Unauthenticated:
+            pass
+    _, secret = tokens.create("agent", "local agent of edgeforge up")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret + "\n")
+    os.replace(path.with_suffix(".tmp"), path)
+    return path
+
+
+def _token_store(data_dir: Path):
+    from shared.auth import TokenStore
+    from shared.store.database import Database
+    if not (data_dir / "edgeforge.db").is_file():
+        raise SystemExit(f"edgeforge: no coordinator database in {data_dir} (give the coordinator's --data-dir)")
+    return TokenStore(Database(data_dir / "edgeforge.db"))
+
+
+def cmd_tokens_create(args) -> int:
+    from shared.errors import EdgeforgeError
+    try:
+        token, secret = _token_store(args.data_dir).create(args.role, args.name)
+    except EdgeforgeError as error:
+        return _fail(error.message, BAD_INPUT)
+    print(json.dumps({"id": token.id, "role": token.role, "name": token.name, "token": secret}) if args.json
+          else secret)
+    if not args.json:
+        print(f"created {token.role} token {token.id} ({token.name}); it is shown only once", file=sys.stderr)
+    return OK
+
+
+def cmd_tokens_list(args) -> int:
+    rows = [{"id": t.id, "role": t.role, "name": t.name, "revoked": t.revoked} for t in _token_store(args.data_dir).list()]
+    print(json.dumps(rows, indent=2) if args.json else "\n".join(
+        f"{r['id']}  {r['role']:<8} {'revoked' if r['revoked'] else 'live':<8} {r['name']}" for r in rows))
+    return OK
+
+
+def cmd_tokens_revoke(args) -> int:
+    from shared.errors import EdgeforgeError
+    try:
+        token = _token_store(args.data_dir).revoke(args.id)
+    except EdgeforgeError as error:
+        return _fail(error.message, BAD_INPUT)
+    print(f"revoked {token.role} token {token.id} ({token.name})", file=sys.stderr)
+    return OK
+
+
 def cmd_up(args) -> int:
     import logging
     from services.coordinator.server import create_server
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    server, port, _ = create_server(f"{args.host}:{args.port}", args.data_dir)
+    server, port, ctx = create_server(f"{args.host}:{args.port}", args.data_dir)
     address = f"{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{port}"
     agent = None
     if not args.no_agent:
         command = [sys.executable, "-m", "clients.agent.main", "--coordinator", address,
-                   "--cache-dir", str(args.data_dir / "agent")]
+                   "--cache-dir", str(args.data_dir / "agent"),
+                   "--token-file", str(local_agent_token(ctx.tokens, args.data_dir))]
         for label in args.agent_label:
             command += ["--label", label]
         agent = subprocess.Popen(command)
@@ -86,7 +145,12 @@ def _finish(client: Client, build: coordinator_pb2.Build, as_json: bool) -> int:
     if build.state == coordinator_pb2.BUILD_STATE_FAILED:
         return _fail(f"{build.name} failed: {build.error.message}", FAILED)
     if report and any(d["chosen"] is None for d in report["devices"]):
-        return _fail("no candidate met the constraints on at least one device", NO_CANDIDATE)
+        for device in report["devices"]:
+            if device["chosen"] is None:
+                misses = device.get("nearest_misses") or []
+                print(f"edgeforge: no candidate met the constraints on {device.get('target') or device['device']}"
+                      + ("; nearest misses:\n  " + "\n  ".join(misses) if misses else ""), file=sys.stderr)
+        return NO_CANDIDATE
     return OK
 
 
@@ -203,6 +267,22 @@ def parser() -> argparse.ArgumentParser:
     devices = sub.add_parser("devices", help="list registered devices")
     devices.add_argument("--json", action="store_true")
     devices.set_defaults(run=cmd_devices)
+    tokens = sub.add_parser("tokens", help="agent tokens, on the coordinator's host (reads its --data-dir)"
+                            ).add_subparsers(dest="verb", required=True)
+    create = tokens.add_parser("create", help="create a token; prints it once")
+    create.add_argument("--role", default="agent", choices=("agent", "builder", "admin"))
+    create.add_argument("--name", required=True, help="who or what uses it, e.g. the device")
+    create.add_argument("--data-dir", type=Path, default=Path(".edgeforge"))
+    create.add_argument("--json", action="store_true")
+    create.set_defaults(run=cmd_tokens_create)
+    listing = tokens.add_parser("list", help="list tokens (never their secrets)")
+    listing.add_argument("--data-dir", type=Path, default=Path(".edgeforge"))
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(run=cmd_tokens_list)
+    revoke = tokens.add_parser("revoke", help="revoke a token by id; it stops working at once")
+    revoke.add_argument("id")
+    revoke.add_argument("--data-dir", type=Path, default=Path(".edgeforge"))
+    revoke.set_defaults(run=cmd_tokens_revoke)
     artifacts = sub.add_parser("artifacts", help="artifacts").add_subparsers(dest="verb", required=True)
     fetch = artifacts.add_parser("get", help="download an artifact")
     fetch.add_argument("name")

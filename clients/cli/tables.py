@@ -1,27 +1,68 @@
-"""Plain-text tables of a build's results (what `edgeforge build --wait` and the demo print)."""
+"""Plain-text tables of a build's results (what `edgeforge build --wait` and the demo print).
+
+Lines stay within 120 columns: numbers on the candidate's row, the reason it was not chosen wrapped on
+the lines below it.
+"""
 from __future__ import annotations
+
+import textwrap
+
+WIDTH = 120
+_MAX_ID_WIDTH = 27          # 4 + 27 + 79 columns of numbers + "  ★ chosen" = 120
+_LEGEND = "  * on the Pareto front (size, p90, ppl)   ~ unstable timing (CV over max_cv_pct after repeats)"
 
 
 def _no_negative_zero(value: float) -> float:
     return 0.0 if abs(value) < 0.005 else value
 
 
+def _row(r: dict, id_width: int) -> list[str]:
+    front = "*" if r.get("pareto") else " "
+    unstable = "~" if r.get("unstable") else " "
+    status = "★ chosen" if r["status"] == "chosen" else r["status"]
+    made = (f"{r['size_bytes'] / 1e6:>8.1f}{r['quality']['value']:>8.3f}"
+            f"{_no_negative_zero(r['quality']['delta_pct']):>+8.2f}")
+    if r["status"] == "failed" and not r["latency_ms"]["p90"]:      # never measured: no zeros posing as numbers
+        measured = f"{'-':>8}{'-':>8} {'-':>6}{'-':>8}{'-':>8}{'-':>8}{'-':>8}"
+    else:
+        measured = (f"{r['latency_ms']['p50']:>8.1f}{r['latency_ms']['p90']:>8.1f}{unstable}"
+                    f"{r.get('cv_pct', 0.0):>6.1f}{r['load_ms']:>8.0f}{r['peak_rss_bytes'] / 1e6:>8.0f}"
+                    f"{r['tokens_per_s']['prompt']:>8.1f}{r['tokens_per_s']['generation']:>8.1f}")
+    numbers = f"{made}{measured}  {status}"
+    if len(r["id"]) <= id_width:
+        lines = [f"  {front} {r['id']:<{id_width}}{numbers}"]
+    else:                                   # an id too long for the column gets a line of its own
+        lines = [f"  {front} {r['id']}", f"    {'':<{id_width}}{numbers}"]
+    why = r["rejected_by"] or r["error"]
+    if r["status"] != "chosen" and why:
+        lines += textwrap.wrap(why, WIDTH, initial_indent="      why: ", subsequent_indent="           ")
+    return lines
+
+
 def candidate_table(report: dict) -> str:
     lines = []
     for device in report["devices"]:
         attrs = device["attributes"]
-        lines.append(f"device {device['device']}  ({attrs.get('cpu', '?')}, {attrs.get('os', '?')}/"
-                     f"{attrs.get('arch', '?')}, {attrs.get('cores', '?')} cores)")
-        header = f"  {'candidate':<27}{'size MB':>9}{'ppl':>9}{'Δ%':>8}{'p50 ms':>9}{'p90 ms':>9}{'load ms':>9}" \
-                 f"{'RSS MB':>8}{'pp t/s':>8}{'tg t/s':>8}  status / why"
-        lines += [header, "  " + "-" * (len(header) + 10)]
+        summary = device.get("summary") or (f"{attrs.get('cpu', '?')}, {attrs.get('os', '?')}/"
+                                            f"{attrs.get('arch', '?')}, {attrs.get('cores', '?')} cores")
+        target = device.get("target") or device["device"]
+        lines.append(f"target {target}" + ("" if device["device"] in ("", target) else f" on {device['device']}")
+                     + f"  ({summary})")
+        lines += textwrap.wrap(f"warning: {device['emulated']}", WIDTH, initial_indent="  ",
+                               subsequent_indent="    ") if device.get("emulated") else []
+        id_width = min(max([len(r["id"]) for r in device["candidates"]] + [9]), _MAX_ID_WIDTH)
+        header = (f"    {'candidate':<{id_width}}{'size MB':>8}{'ppl':>8}{'Δ%':>8}{'p50 ms':>8}{'p90 ms':>8} "
+                  f"{'CV%':>6}{'load ms':>8}{'peak MB':>8}{'pp t/s':>8}{'tg t/s':>8}  status")
+        lines += [header, "  " + "-" * len(header)]         # as wide as a row ending "★ chosen"
         for r in device["candidates"]:
-            why = r["rejected_by"] or r["error"]
-            mark = "★ chosen" if r["status"] == "chosen" else f"{r['status']}: {why}"
-            lines.append(f"  {r['id']:<27}{r['size_bytes'] / 1e6:>9.1f}{r['quality']['value']:>9.3f}"
-                         f"{_no_negative_zero(r['quality']['delta_pct']):>+8.2f}{r['latency_ms']['p50']:>9.1f}{r['latency_ms']['p90']:>9.1f}"
-                         f"{r['load_ms']:>9.0f}{r['peak_rss_bytes'] / 1e6:>8.0f}{r['tokens_per_s']['prompt']:>8.1f}"
-                         f"{r['tokens_per_s']['generation']:>8.1f}  {mark}")
-        lines.append(f"  chosen: {device['chosen'] or 'none — no candidate met the constraints'}")
-    lines.append(f"float32 baseline perplexity {report['baseline']['value']:.3f} over {report['baseline']['tokens']} tokens")
+            lines += _row(r, id_width)
+        if device["chosen"]:
+            lines.append(f"  chosen: {device['chosen']}")
+        else:
+            lines.append("  chosen: none — no candidate met the constraints")
+            for miss in device.get("nearest_misses", []):
+                lines += textwrap.wrap(miss, WIDTH, initial_indent="    nearest miss: ", subsequent_indent=" " * 18)
+        lines.append(_LEGEND)
+    lines.append(f"float32 baseline perplexity {report['baseline']['value']:.3f} over "
+                 f"{report['baseline']['tokens']} tokens")
     return "\n".join(lines)

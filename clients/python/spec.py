@@ -26,12 +26,13 @@ class SpecError(ValueError):
 # section -> {key: type}; nested dicts are described by their own entries.
 _KEYS: dict[str, dict[str, type | tuple]] = {
     "": {"name": str, "model": dict, "calibration": dict, "evaluation": dict, "targets": list,
-         "constraints": dict, "objective": str, "candidates": list, "benchmark": dict},
+         "constraints": dict, "objective": str, "candidates": list, "benchmark": dict, "priority": int},
     "model": {"path": str, "task": str},
     "calibration": {"text_file": str, "samples": int, "sequence_length": int},
     "evaluation": {"text_file": str, "max_tokens": int, "window_tokens": int},
-    "targets[]": {"selector": dict, "device": str},
-    "constraints": {"max_size_bytes": int, "max_p90_latency_ms": (int, float), "max_quality_loss_pct": (int, float)},
+    "targets[]": {"name": str, "selector": dict, "device": str, "each_device": bool, "constraints": dict},
+    "constraints": {"max_size_bytes": int, "max_p90_latency_ms": (int, float), "max_quality_loss_pct": (int, float),
+                    "max_peak_memory_bytes": int},
     "candidates[]": {"id": str, "format": str, "quantization": dict, "recipe": list, "export": dict},
     "export": {"float_type": str, "onnx_weight_operator": str, "int8_activations": bool, "external_data": bool,
                "coreml": dict},
@@ -44,7 +45,9 @@ _KEYS: dict[str, dict[str, type | tuple]] = {
     "awq": {"grid": int, "clip": bool},
     "mixed_precision": {"options": list, "max_bits_per_weight": (int, float)},
     "benchmark": {"prompt_tokens": int, "generation_tokens": int, "warmup_runs": int, "timed_runs": int,
-                  "threads": int},
+                  "threads": int, "min_duration_ms": int, "max_cv_pct": (int, float), "cv_repeats": int,
+                  "throughput_prompt_tokens": list, "throughput_generation_tokens": int, "throughput_runs": int,
+                  "skip_throughput": bool, "cooldown_ms": int},
 }
 FORMATS = {"gguf": common_pb2.EXPORT_FORMAT_GGUF, "onnx": common_pb2.EXPORT_FORMAT_ONNX,
            "tflite": common_pb2.EXPORT_FORMAT_TFLITE, "coreml": common_pb2.EXPORT_FORMAT_COREML}
@@ -53,7 +56,7 @@ WEIGHT_OPERATORS = {"dequantize_linear": common_pb2.ONNX_WEIGHT_OPERATOR_DEQUANT
 PALETTE_MODES = {"kmeans": common_pb2.PALETTE_MODE_KMEANS, "uniform": common_pb2.PALETTE_MODE_UNIFORM}
 TASKS = {"causal-lm": common_pb2.MODEL_TASK_CAUSAL_LM}
 OBJECTIVES = {"best_quality": coordinator_pb2.OBJECTIVE_BEST_QUALITY,
-              "lowest_latency": coordinator_pb2.OBJECTIVE_LOWEST_LATENCY}
+              "lowest_latency": coordinator_pb2.OBJECTIVE_LOWEST_LATENCY, "smallest": coordinator_pb2.OBJECTIVE_SMALLEST}
 METHODS = {"none": common_pb2.QUANT_METHOD_NONE, "rtn": common_pb2.QUANT_METHOD_RTN,
            "imatrix": common_pb2.QUANT_METHOD_IMATRIX, "gptq": common_pb2.QUANT_METHOD_GPTQ,
            "awq": common_pb2.QUANT_METHOD_AWQ}
@@ -215,12 +218,15 @@ def parse(raw: Any, base_dir: Path) -> SpecFile:
         selector = target.get("selector") or {}
         if bool(selector) == bool(target.get("device")):
             raise SpecError(f"targets[{i}]", "give exactly one of selector or device")
-        spec.targets.add(selector={str(k): str(v) for k, v in selector.items()}, device=target.get("device", ""))
-    constraints = _check_keys("constraints", "constraints", raw.get("constraints") or {})
-    for key in ("max_size_bytes", "max_p90_latency_ms", "max_quality_loss_pct"):
-        if key in constraints:
-            setattr(spec.constraints, key, _positive(constraints[key], f"constraints.{key}"))
+        proto = spec.targets.add(selector={str(k): str(v) for k, v in selector.items()},
+                                 device=target.get("device", ""), name=target.get("name", ""),
+                                 each_device=bool(target.get("each_device", False)))
+        _constraints(target.get("constraints") or {}, proto.constraints, f"targets[{i}].constraints")
+    _constraints(raw.get("constraints") or {}, spec.constraints, "constraints")
     spec.objective = _choice(OBJECTIVES, raw.get("objective", "best_quality"), "objective")
+    spec.priority = int(raw.get("priority", 0))
+    if not -1000 <= spec.priority <= 1000:
+        raise SpecError("priority", f"must be in [-1000, 1000], got {spec.priority}")
     for i, candidate in enumerate(raw.get("candidates") or []):
         field = f"candidates[{i}]"
         candidate = _check_keys("candidates[]", field, candidate)
@@ -236,10 +242,26 @@ def parse(raw: Any, base_dir: Path) -> SpecFile:
             proto.export.CopyFrom(export_options(candidate["export"], f"{field}.export"))
     benchmark = _check_keys("benchmark", "benchmark", raw.get("benchmark") or {})
     for key, upper in (("prompt_tokens", 8192), ("generation_tokens", 8192), ("warmup_runs", 100),
-                       ("timed_runs", 1000), ("threads", 1024)):
+                       ("timed_runs", 1000), ("threads", 1024), ("throughput_generation_tokens", 8192),
+                       ("throughput_runs", 1000)):
         if key in benchmark:
             setattr(spec.benchmark, key, _positive(benchmark[key], f"benchmark.{key}", upper))
+    for key, upper in (("min_duration_ms", 3_600_000), ("max_cv_pct", 1000), ("cv_repeats", 100),
+                       ("cooldown_ms", 600_000)):               # zero is meaningful: off
+        if key in benchmark:
+            setattr(spec.benchmark, key, _positive(benchmark[key], f"benchmark.{key}", upper, lower=0))
+    for j, tokens in enumerate(benchmark.get("throughput_prompt_tokens", [])):
+        spec.benchmark.throughput_prompt_tokens.append(
+            _positive(tokens, f"benchmark.throughput_prompt_tokens[{j}]", 32768))
+    spec.benchmark.skip_throughput = bool(benchmark.get("skip_throughput", False))
     return SpecFile(spec, model_path, calibration_path, evaluation_path)
+
+
+def _constraints(raw: dict, proto: coordinator_pb2.Constraints, field: str) -> None:
+    raw = _check_keys("constraints", field, raw)
+    for key in ("max_size_bytes", "max_p90_latency_ms", "max_quality_loss_pct", "max_peak_memory_bytes"):
+        if key in raw:
+            setattr(proto, key, _positive(raw[key], f"{field}.{key}"))
 
 
 def load(path: Path) -> SpecFile:

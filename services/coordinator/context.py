@@ -9,6 +9,7 @@ from edgeforge.v1 import coordinator_pb2
 from services.coordinator.scheduler import Scheduler
 from services.coordinator.state import CoordinatorState
 from services.coordinator.workers import Workers
+from shared.auth import TokenStore
 from shared.store.artifacts import ArtifactStore
 
 HEARTBEAT_INTERVAL_S = 5.0
@@ -24,6 +25,7 @@ class CoordinatorContext:
     device_wait_s: float = 120.0            # how long a build waits for a matching device to appear
     benchmark_timeout_s: float = 3600.0     # how long a build waits for its measurements
     changed: threading.Condition = dataclasses.field(default_factory=threading.Condition)
+    tokens: TokenStore | None = None
 
     def notify(self) -> None:
         with self.changed:

@@ -5,6 +5,7 @@ import re
 import time
 
 from edgeforge.v1 import agent_pb2, agent_pb2_grpc, coordinator_pb2, coordinator_pb2_grpc
+from services.coordinator import selectors
 from services.coordinator.artifacts_servicer import read_chunks
 from services.coordinator.context import HEARTBEAT_INTERVAL_S, CoordinatorContext
 from shared.errors import InvalidArgument, NotFound
@@ -35,8 +36,8 @@ class DeviceRegistryServicer(coordinator_pb2_grpc.DeviceRegistryServicer):
 
     @rpc
     def ListDevices(self, request, context):
-        devices = [self._with_state(d, last) for d, last in self.ctx.state.devices()
-                   if all(d.attributes.get(k) == v for k, v in request.selector.items())]
+        selector = selectors.parse(request.selector)
+        devices = [self._with_state(d, last) for d, last in self.ctx.state.devices() if selector.matches(d.attributes)]
         return coordinator_pb2.ListDevicesResponse(devices=devices)
 
     @rpc
@@ -53,14 +54,21 @@ class AgentGatewayServicer(agent_pb2_grpc.AgentGatewayServicer):
         if not _DEVICE_ID.match(request.device_id):
             raise InvalidArgument(f"device_id must be 1-63 lowercase letters, digits or '-', got "
                                   f"{request.device_id[:100]!r}", field="device_id")
-        for key, value in request.attributes.items():
-            if not key or len(key) > 128 or len(value) > 1024:
-                raise InvalidArgument(f"attribute {key[:40]!r} has an empty/too long key or too long value",
-                                      field="attributes")
+        for field in ("attributes", "unavailable_runtimes"):
+            values = getattr(request, field)
+            if len(values) > 256:
+                raise InvalidArgument(f"{field} has {len(values)} entries; at most 256", field=field)
+            for key, value in values.items():
+                if not key or len(key) > 128 or len(value) > 1024:
+                    raise InvalidArgument(f"{field} entry {key[:40]!r} has an empty/too long key or too long value",
+                                          field=field)
+        if not 0 <= request.slots <= 64:
+            raise InvalidArgument(f"slots must be in [0, 64], got {request.slots}", field="slots")
         now = time.time()
         device = coordinator_pb2.Device(name=f"devices/{request.device_id}",
                                         display_name=request.display_name or request.device_id,
-                                        attributes=request.attributes, state=coordinator_pb2.DEVICE_STATE_ONLINE)
+                                        attributes=request.attributes, state=coordinator_pb2.DEVICE_STATE_ONLINE,
+                                        slots=request.slots or 1, unavailable_runtimes=request.unavailable_runtimes)
         try:
             previous, _ = self.ctx.state.device(request.device_id)
             device.register_time.CopyFrom(previous.register_time)

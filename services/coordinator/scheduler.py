@@ -1,14 +1,19 @@
 """Benchmark jobs and their leases.
 
-A job is measured by exactly one device. LeaseJob hands the device its oldest queued job under a
-lease with a TTL; heartbeats extend it. A lease that lapses (agent died, phone unplugged) sends the
-job back to the queue, until `max_attempts` leases have lapsed — then the job fails with that
-reason. A result is accepted once per lease (idempotent by lease id); a result for a lapsed or
-cancelled lease is refused with LEASE_EXPIRED. A device holds at most one lease at a time, so
-measurements never disturb each other: asking for work while holding a lease abandons the old one.
+A job is measured by exactly one device: either one named device (a target with each_device), or
+any device of a pool — the online devices matching the target's selector that have the runtime the
+job needs. LeaseJob hands a device the first job it may run, by priority (higher first) and then
+FIFO, under a lease with a TTL; heartbeats extend it. A lease that lapses (agent died, phone
+unplugged) sends the job back to the queue, where another device of the pool can take it, until
+`max_attempts` leases have lapsed — then the job fails with reason ATTEMPTS_EXHAUSTED. A result is
+accepted once per lease (idempotent by lease id); a result for a lapsed or cancelled lease is
+refused with LEASE_EXPIRED. A device holds at most `slots` leases (default 1, so measurements never
+disturb each other): asking for work while at that limit abandons its oldest lease, which is what a
+restarted agent does.
 """
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -17,8 +22,10 @@ from google.protobuf import timestamp_pb2
 from google.rpc import status_pb2
 
 from edgeforge.v1 import agent_pb2, common_pb2
+from services.coordinator import selectors
 from services.coordinator.state import CANCELLED, FAILED, LEASED, QUEUED, SUCCEEDED, CoordinatorState
 from shared.errors import FailedPrecondition, NotFound
+from shared.grpc_status import status_of
 
 ACTIVE, EXPIRED, REPORTED = "ACTIVE", "EXPIRED", "REPORTED"
 
@@ -29,11 +36,25 @@ class Scheduler:
         self.lease_ttl_s, self.max_attempts = lease_ttl_s, max_attempts
         self._wakeup = threading.Condition()
 
-    def enqueue(self, build_id: str, candidate_id: str, device_id: str, job: agent_pb2.BenchmarkJob) -> str:
-        job_id = self.state.add_job(build_id, candidate_id, device_id, job)
+    def enqueue(self, build_id: str, candidate_id: str, device_id: str, job: agent_pb2.BenchmarkJob, *,
+                selector: dict[str, str] | None = None, priority: int = 0) -> str:
+        """Queues `job` for `device_id`, or with device_id "" for any device matching `selector`."""
+        job_id = self.state.add_job(build_id, candidate_id, device_id, job, target=job.target,
+                                    selector=selector, priority=priority)
         with self._wakeup:
             self._wakeup.notify_all()
         return job_id
+
+    @staticmethod
+    def may_run(device: "coordinator_pb2.Device", row, job: agent_pb2.BenchmarkJob | None = None) -> bool:
+        """Whether `device` may lease the queued job `row`: its own, or its pool's with the runtime."""
+        if row["device_id"]:
+            if row["device_id"] != device.name.removeprefix("devices/"):
+                return False
+        elif not selectors.parse(json.loads(row["selector"] or "{}")).matches(device.attributes):
+            return False
+        job = job or agent_pb2.BenchmarkJob.FromString(row["job"])
+        return not job.runtime or f"runtime:{job.runtime}" in device.attributes
 
     def expire_stale(self, now: float | None = None) -> None:
         now = time.time() if now is None else now
@@ -48,24 +69,29 @@ class Scheduler:
         conn.execute("UPDATE leases SET state = ? WHERE id = ?", (EXPIRED, lease_id))
         job = conn.execute("SELECT attempts FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if job["attempts"] >= self.max_attempts:
-            error = status_pb2.Status(code=4, message=f"{why}; gave up after {job['attempts']} attempts")
+            error = status_of(FailedPrecondition(f"{why}; gave up after {job['attempts']} attempts",
+                                                 reason="ATTEMPTS_EXHAUSTED"))
+            error.code = 4                                   # DEADLINE_EXCEEDED: no device finished it in time
             conn.execute("UPDATE jobs SET state = ?, outcome = ?, lease_id = NULL WHERE id = ?",
                          (FAILED, error.SerializeToString(), job_id))
         else:
             conn.execute("UPDATE jobs SET state = ?, lease_id = NULL WHERE id = ?", (QUEUED, job_id))
 
     def lease(self, device_id: str, wait_s: float) -> agent_pb2.Lease | None:
-        self.state.device(device_id)                                    # NOT_FOUND for strangers
+        device, _ = self.state.device(device_id)                        # NOT_FOUND for strangers
+        slots = max(device.slots, 1)
         deadline = time.monotonic() + wait_s
         while True:
             now = time.time()
             with self.db.transaction() as conn:
                 self._expire(conn, now)
-                for held in conn.execute("SELECT * FROM leases WHERE device_id = ? AND state = ?",
-                                         (device_id, ACTIVE)).fetchall():
-                    self._release(conn, held["id"], held["job_id"], "the device asked for new work instead")
-                row = conn.execute("SELECT * FROM jobs WHERE device_id = ? AND state = ? ORDER BY create_time "
-                                   "LIMIT 1", (device_id, QUEUED)).fetchone()
+                held = conn.execute("SELECT * FROM leases WHERE device_id = ? AND state = ? ORDER BY expire_time",
+                                    (device_id, ACTIVE)).fetchall()
+                for lease in held[:max(len(held) - slots + 1, 0)]:
+                    self._release(conn, lease["id"], lease["job_id"], "the device asked for new work instead")
+                row = next((r for r in conn.execute("SELECT * FROM jobs WHERE state = ? ORDER BY priority DESC, "
+                                                    "create_time, id", (QUEUED,))
+                            if self.may_run(device, r)), None)
                 if row is not None:
                     lease_id = uuid.uuid4().hex
                     expire = now + self.lease_ttl_s
@@ -113,11 +139,11 @@ class Scheduler:
                 raise FailedPrecondition(f"lease {lease_name} has {lease['state'].lower()}; its result is not "
                                          "accepted (the job was requeued or cancelled)", reason="LEASE_EXPIRED")
             if measurement is not None:
-                conn.execute("UPDATE jobs SET state = ?, outcome = ? WHERE id = ?",
-                             (SUCCEEDED, measurement.SerializeToString(), lease["job_id"]))
+                conn.execute("UPDATE jobs SET state = ?, outcome = ?, measured_by = ? WHERE id = ?",
+                             (SUCCEEDED, measurement.SerializeToString(), lease["device_id"], lease["job_id"]))
             else:
-                conn.execute("UPDATE jobs SET state = ?, outcome = ? WHERE id = ?",
-                             (FAILED, error.SerializeToString(), lease["job_id"]))
+                conn.execute("UPDATE jobs SET state = ?, outcome = ?, measured_by = ? WHERE id = ?",
+                             (FAILED, error.SerializeToString(), lease["device_id"], lease["job_id"]))
             conn.execute("UPDATE leases SET state = ? WHERE id = ?", (REPORTED, lease_id))
         return True
 

@@ -7,8 +7,10 @@ the task; omitted numbers get the documented defaults (docs/SPEC.md).
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from edgeforge.v1 import common_pb2, coordinator_pb2
+from services.coordinator import selectors
 from services.exporter.base import CoremlOptions, ExportFormat, ExportOptions, OnnxWeightOperator
 from services.exporter.convert import format_from_proto, options_from_proto
 from shared.errors import InvalidArgument, NotFound
@@ -24,7 +26,15 @@ DEFAULT_CANDIDATES = (
     (ExportFormat.ONNX, QuantizationConfig(Method.NONE)),
     (ExportFormat.ONNX, QuantizationConfig(Method.RTN, bits=8, granularity=Granularity.PER_CHANNEL)),
 )
-DEFAULT_BENCHMARK = {"prompt_tokens": 128, "generation_tokens": 32, "warmup_runs": 1, "timed_runs": 5}
+DEFAULT_BENCHMARK = {"prompt_tokens": 128, "generation_tokens": 32, "warmup_runs": 1, "timed_runs": 5,
+                     "min_duration_ms": 1000, "max_cv_pct": 10.0, "cv_repeats": 2, "throughput_generation_tokens": 128,
+                     "throughput_runs": 3, "cooldown_ms": 1000}
+DEFAULT_THROUGHPUT_PROMPTS = (128, 512)           # llama-bench's pp512 plus a short prompt
+BENCHMARK_LIMITS = {"prompt_tokens": 32768, "generation_tokens": 32768, "warmup_runs": 1000, "timed_runs": 100_000,
+                    "min_duration_ms": 3_600_000, "max_cv_pct": 1000.0, "cv_repeats": 100, "threads": 1024,
+                    "throughput_generation_tokens": 32768, "throughput_runs": 1000, "cooldown_ms": 600_000}
+TARGET_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+CONSTRAINTS = ("max_size_bytes", "max_p90_latency_ms", "max_quality_loss_pct", "max_peak_memory_bytes")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,24 +188,42 @@ def validate(spec: coordinator_pb2.BuildSpec, store: ArtifactStore) -> tuple[coo
                               field="evaluation")
     if not spec.targets:
         raise InvalidArgument("at least one target is required", field="targets")
+    names = set()
     for i, target in enumerate(spec.targets):
         if bool(target.selector) == bool(target.device):
             raise InvalidArgument("give exactly one of selector or device", field=f"targets[{i}]")
         if target.device and not target.device.startswith("devices/"):
             raise InvalidArgument(f"device must look like devices/{{id}}, got {target.device!r}",
                                   field=f"targets[{i}].device")
-    for key in ("max_size_bytes", "max_p90_latency_ms", "max_quality_loss_pct"):
-        if spec.constraints.HasField(key) and getattr(spec.constraints, key) < 0:
-            raise InvalidArgument(f"constraints.{key} must not be negative", field=f"constraints.{key}")
+        selectors.parse(target.selector, f"targets[{i}].selector")
+        target.name = target.name or f"targets-{i}"
+        if not TARGET_NAME.match(target.name):
+            raise InvalidArgument(f"target name must be 1-63 lowercase letters, digits, '-' or '_', got "
+                                  f"{target.name[:80]!r}", field=f"targets[{i}].name")
+        if target.name in names:
+            raise InvalidArgument(f"target name {target.name!r} appears twice", field=f"targets[{i}].name")
+        names.add(target.name)
+        _check_constraints(target.constraints, f"targets[{i}].constraints")
+    _check_constraints(spec.constraints, "constraints")
     if spec.objective == coordinator_pb2.OBJECTIVE_UNSPECIFIED:
         spec.objective = coordinator_pb2.OBJECTIVE_BEST_QUALITY
-    elif spec.objective not in (coordinator_pb2.OBJECTIVE_BEST_QUALITY, coordinator_pb2.OBJECTIVE_LOWEST_LATENCY):
+    elif spec.objective not in coordinator_pb2.Objective.values():
         raise InvalidArgument(f"objective {spec.objective} is unknown", field="objective")
-    for key, default in DEFAULT_BENCHMARK.items():
+    if not -1000 <= spec.priority <= 1000:
+        raise InvalidArgument(f"priority must be in [-1000, 1000], got {spec.priority}", field="priority")
+    for key, limit in BENCHMARK_LIMITS.items():
         value = getattr(spec.benchmark, key)
-        if value < 0:
-            raise InvalidArgument(f"benchmark.{key} must not be negative", field=f"benchmark.{key}")
-        setattr(spec.benchmark, key, value or default)
+        if not 0 <= value <= limit:
+            raise InvalidArgument(f"benchmark.{key} must be in [0, {limit}], got {value}", field=f"benchmark.{key}")
+        optional = spec.benchmark.DESCRIPTOR.fields_by_name[key].has_presence
+        if key in DEFAULT_BENCHMARK and not (spec.benchmark.HasField(key) if optional else value):
+            setattr(spec.benchmark, key, DEFAULT_BENCHMARK[key])
+    for j, tokens in enumerate(spec.benchmark.throughput_prompt_tokens):
+        if not 1 <= tokens <= 32768:
+            raise InvalidArgument(f"benchmark.throughput_prompt_tokens[{j}] must be in [1, 32768], got {tokens}",
+                                  field=f"benchmark.throughput_prompt_tokens[{j}]")
+    if not spec.benchmark.throughput_prompt_tokens:
+        spec.benchmark.throughput_prompt_tokens.extend(DEFAULT_THROUGHPUT_PROMPTS)
     if not spec.candidates:
         for export_format, config in DEFAULT_CANDIDATES:
             from services.exporter.convert import format_to_proto
@@ -204,6 +232,21 @@ def validate(spec: coordinator_pb2.BuildSpec, store: ArtifactStore) -> tuple[coo
     for candidate, planned_candidate in zip(spec.candidates, planned):
         candidate.id = planned_candidate.id
     return spec, planned
+
+
+def _check_constraints(constraints: coordinator_pb2.Constraints, field: str) -> None:
+    for key in CONSTRAINTS:
+        if constraints.HasField(key) and not getattr(constraints, key) >= 0:     # NaN fails too
+            raise InvalidArgument(f"{field}.{key} must not be negative, got {getattr(constraints, key)}",
+                                  field=f"{field}.{key}")
+
+
+def effective_constraints(spec: coordinator_pb2.BuildSpec, target: coordinator_pb2.Target) -> coordinator_pb2.Constraints:
+    """The build's budgets, each replaced by the target's where the target sets it."""
+    merged = coordinator_pb2.Constraints()
+    merged.CopyFrom(spec.constraints)
+    merged.MergeFrom(target.constraints)         # optional scalars: only the fields set on the target
+    return merged
 
 
 def plan(spec: coordinator_pb2.BuildSpec) -> list[PlannedCandidate]:

@@ -24,14 +24,19 @@ SCHEMA = [
     """CREATE TABLE IF NOT EXISTS jobs (
         id TEXT PRIMARY KEY, build_id TEXT NOT NULL, candidate_id TEXT NOT NULL, device_id TEXT NOT NULL,
         job BLOB NOT NULL, state TEXT NOT NULL, attempts INTEGER NOT NULL, lease_id TEXT,
-        lease_expire REAL, outcome BLOB, create_time REAL NOT NULL)""",
+        lease_expire REAL, outcome BLOB, create_time REAL NOT NULL, target TEXT NOT NULL DEFAULT '',
+        selector TEXT NOT NULL DEFAULT '', priority INTEGER NOT NULL DEFAULT 0, measured_by TEXT)""",
     "CREATE INDEX IF NOT EXISTS jobs_by_device ON jobs(device_id, state, create_time)",
+    "CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, priority, create_time)",
     """CREATE TABLE IF NOT EXISTS leases (
         id TEXT PRIMARY KEY, job_id TEXT NOT NULL, device_id TEXT NOT NULL, state TEXT NOT NULL,
         expire_time REAL NOT NULL)""",
 ]
 
 QUEUED, LEASED, SUCCEEDED, FAILED, CANCELLED = "QUEUED", "LEASED", "SUCCEEDED", "FAILED", "CANCELLED"
+# Columns added after the first release, for databases created before them: (table, column, declaration).
+ADDED_COLUMNS = [("jobs", "target", "TEXT NOT NULL DEFAULT ''"), ("jobs", "selector", "TEXT NOT NULL DEFAULT ''"),
+                 ("jobs", "priority", "INTEGER NOT NULL DEFAULT 0"), ("jobs", "measured_by", "TEXT")]
 
 
 def digest(value: Any) -> str:
@@ -41,6 +46,11 @@ def digest(value: Any) -> str:
 class CoordinatorState:
     def __init__(self, db: Database):
         self.db = db
+        with db.transaction() as conn:          # older databases first get the columns added since
+            for table, column, declaration in ADDED_COLUMNS:
+                known = {row["name"] for row in conn.execute(f"PRAGMA table_info({table})")}
+                if known and column not in known:
+                    conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
         db.migrate(SCHEMA)
 
     # ------------------------------------------------------------------ builds
@@ -125,11 +135,18 @@ class CoordinatorState:
         return coordinator_pb2.Device.FromString(rows[0]["device"]), rows[0]["last_heartbeat"]
 
     # ------------------------------------------------------------------ jobs
-    def add_job(self, build_id: str, candidate_id: str, device_id: str, job: agent_pb2.BenchmarkJob) -> str:
+    def add_job(self, build_id: str, candidate_id: str, device_id: str, job: agent_pb2.BenchmarkJob, *,
+                target: str = "", selector: dict[str, str] | None = None, priority: int = 0,
+                failed: bytes | None = None) -> str:
+        """A QUEUED job for one device (`device_id`) or for any device of a pool (`selector`, device_id "");
+        with `failed` (a serialized google.rpc.Status) a job that is already FAILED, e.g. no runtime."""
         job_id = uuid.uuid4().hex
         with self.db.transaction() as conn:
-            conn.execute("INSERT INTO jobs VALUES (?, ?, ?, ?, ?, ?, 0, NULL, NULL, NULL, ?)",
-                         (job_id, build_id, candidate_id, device_id, job.SerializeToString(), QUEUED, time.time()))
+            conn.execute("INSERT INTO jobs (id, build_id, candidate_id, device_id, job, state, attempts, outcome, "
+                         "create_time, target, selector, priority) VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?)",
+                         (job_id, build_id, candidate_id, device_id, job.SerializeToString(),
+                          FAILED if failed else QUEUED, failed, time.time(), target,
+                          json.dumps(selector or {}, sort_keys=True), priority))
         return job_id
 
     def jobs_of_build(self, build_id: str) -> list[dict]:

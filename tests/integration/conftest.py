@@ -12,6 +12,8 @@ def coordinator(tmp_path):
     server, port, ctx = create_server("127.0.0.1:0", tmp_path / "data", device_wait_s=2.0, lease_ttl_s=2.0)
     client = Client(f"127.0.0.1:{port}")
     client.ctx = ctx
+    client.agent_token = ctx.tokens.create("agent", "integration-test agent")[1]
+    client.agent_metadata = (("authorization", f"Bearer {client.agent_token}"),)
     yield client
     client.close()
     server.stop(0).wait()

@@ -29,7 +29,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65\x64geforge/v1/agent.proto\x12\x0c\x65\x64geforge.v1\x1a\x19\x65\x64geforge/v1/common.proto\x1a\x1e\x65\x64geforge/v1/coordinator.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\xba\x01\n\x14RegisterAgentRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x46\n\nattributes\x18\x03 \x03(\x0b\x32\x32.edgeforge.v1.RegisterAgentRequest.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"2\n\x10HeartbeatRequest\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x0e\n\x06leases\x18\x02 \x03(\t\"L\n\x11HeartbeatResponse\x12\x18\n\x10\x63\x61ncelled_leases\x18\x01 \x03(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\x03\"2\n\x0fLeaseJobRequest\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x0f\n\x07wait_ms\x18\x02 \x01(\x05\"\xc4\x01\n\x0c\x42\x65nchmarkJob\x12\r\n\x05\x62uild\x18\x01 \x01(\t\x12\x14\n\x0c\x63\x61ndidate_id\x18\x02 \x01(\t\x12*\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x1a.edgeforge.v1.ExportFormat\x12\x10\n\x08\x61rtifact\x18\x04 \x01(\t\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x12\n\nsize_bytes\x18\x06 \x01(\x03\x12-\n\x06\x63onfig\x18\x07 \x01(\x0b\x32\x1d.edgeforge.v1.BenchmarkConfig\"\x80\x01\n\x05Lease\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\'\n\x03job\x18\x02 \x01(\x0b\x32\x1a.edgeforge.v1.BenchmarkJob\x12/\n\x0b\x65xpire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\x05\"6\n\x10LeaseJobResponse\x12\"\n\x05lease\x18\x01 \x01(\x0b\x32\x13.edgeforge.v1.Lease\"\x86\x01\n\x13ReportResultRequest\x12\r\n\x05lease\x18\x01 \x01(\t\x12\x30\n\x0bmeasurement\x18\x02 \x01(\x0b\x32\x19.edgeforge.v1.MeasurementH\x00\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\t\n\x07outcome\"(\n\x14ReportResultResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\"O\n\x14\x46\x65tchArtifactRequest\x12\r\n\x05lease\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x18\n\x10\x63hunk_size_bytes\x18\x03 \x01(\x05\x32\xa4\x03\n\x0c\x41gentGateway\x12I\n\rRegisterAgent\x12\".edgeforge.v1.RegisterAgentRequest\x1a\x14.edgeforge.v1.Device\x12L\n\tHeartbeat\x12\x1e.edgeforge.v1.HeartbeatRequest\x1a\x1f.edgeforge.v1.HeartbeatResponse\x12I\n\x08LeaseJob\x12\x1d.edgeforge.v1.LeaseJobRequest\x1a\x1e.edgeforge.v1.LeaseJobResponse\x12U\n\x0cReportResult\x12!.edgeforge.v1.ReportResultRequest\x1a\".edgeforge.v1.ReportResultResponse\x12Y\n\rFetchArtifact\x12\".edgeforge.v1.FetchArtifactRequest\x1a\".edgeforge.v1.ReadArtifactResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65\x64geforge/v1/agent.proto\x12\x0c\x65\x64geforge.v1\x1a\x19\x65\x64geforge/v1/common.proto\x1a\x1e\x65\x64geforge/v1/coordinator.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\xe0\x02\n\x14RegisterAgentRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x46\n\nattributes\x18\x03 \x03(\x0b\x32\x32.edgeforge.v1.RegisterAgentRequest.AttributesEntry\x12\r\n\x05slots\x18\x04 \x01(\x05\x12Y\n\x14unavailable_runtimes\x18\x05 \x03(\x0b\x32;.edgeforge.v1.RegisterAgentRequest.UnavailableRuntimesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a:\n\x18UnavailableRuntimesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"2\n\x10HeartbeatRequest\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x0e\n\x06leases\x18\x02 \x03(\t\"L\n\x11HeartbeatResponse\x12\x18\n\x10\x63\x61ncelled_leases\x18\x01 \x03(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\x03\"2\n\x0fLeaseJobRequest\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x0f\n\x07wait_ms\x18\x02 \x01(\x05\"\x8c\x02\n\x0c\x42\x65nchmarkJob\x12\r\n\x05\x62uild\x18\x01 \x01(\t\x12\x14\n\x0c\x63\x61ndidate_id\x18\x02 \x01(\t\x12*\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x1a.edgeforge.v1.ExportFormat\x12\x10\n\x08\x61rtifact\x18\x04 \x01(\t\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x12\n\nsize_bytes\x18\x06 \x01(\x03\x12-\n\x06\x63onfig\x18\x07 \x01(\x0b\x32\x1d.edgeforge.v1.BenchmarkConfig\x12%\n\x04task\x18\x08 \x01(\x0e\x32\x17.edgeforge.v1.ModelTask\x12\x0f\n\x07runtime\x18\t \x01(\t\x12\x0e\n\x06target\x18\n \x01(\t\"\x80\x01\n\x05Lease\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\'\n\x03job\x18\x02 \x01(\x0b\x32\x1a.edgeforge.v1.BenchmarkJob\x12/\n\x0b\x65xpire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\x05\"6\n\x10LeaseJobResponse\x12\"\n\x05lease\x18\x01 \x01(\x0b\x32\x13.edgeforge.v1.Lease\"\x86\x01\n\x13ReportResultRequest\x12\r\n\x05lease\x18\x01 \x01(\t\x12\x30\n\x0bmeasurement\x18\x02 \x01(\x0b\x32\x19.edgeforge.v1.MeasurementH\x00\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\t\n\x07outcome\"(\n\x14ReportResultResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\"O\n\x14\x46\x65tchArtifactRequest\x12\r\n\x05lease\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x18\n\x10\x63hunk_size_bytes\x18\x03 \x01(\x05\x32\xa4\x03\n\x0c\x41gentGateway\x12I\n\rRegisterAgent\x12\".edgeforge.v1.RegisterAgentRequest\x1a\x14.edgeforge.v1.Device\x12L\n\tHeartbeat\x12\x1e.edgeforge.v1.HeartbeatRequest\x1a\x1f.edgeforge.v1.HeartbeatResponse\x12I\n\x08LeaseJob\x12\x1d.edgeforge.v1.LeaseJobRequest\x1a\x1e.edgeforge.v1.LeaseJobResponse\x12U\n\x0cReportResult\x12!.edgeforge.v1.ReportResultRequest\x1a\".edgeforge.v1.ReportResultResponse\x12Y\n\rFetchArtifact\x12\".edgeforge.v1.FetchArtifactRequest\x1a\".edgeforge.v1.ReadArtifactResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,28 +38,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_REGISTERAGENTREQUEST_ATTRIBUTESENTRY']._loaded_options = None
   _globals['_REGISTERAGENTREQUEST_ATTRIBUTESENTRY']._serialized_options = b'8\001'
+  _globals['_REGISTERAGENTREQUEST_UNAVAILABLERUNTIMESENTRY']._loaded_options = None
+  _globals['_REGISTERAGENTREQUEST_UNAVAILABLERUNTIMESENTRY']._serialized_options = b'8\001'
   _globals['_REGISTERAGENTREQUEST']._serialized_start=160
-  _globals['_REGISTERAGENTREQUEST']._serialized_end=346
-  _globals['_REGISTERAGENTREQUEST_ATTRIBUTESENTRY']._serialized_start=297
-  _globals['_REGISTERAGENTREQUEST_ATTRIBUTESENTRY']._serialized_end=346
-  _globals['_HEARTBEATREQUEST']._serialized_start=348
-  _globals['_HEARTBEATREQUEST']._serialized_end=398
-  _globals['_HEARTBEATRESPONSE']._serialized_start=400
-  _globals['_HEARTBEATRESPONSE']._serialized_end=476
-  _globals['_LEASEJOBREQUEST']._serialized_start=478
-  _globals['_LEASEJOBREQUEST']._serialized_end=528
-  _globals['_BENCHMARKJOB']._serialized_start=531
-  _globals['_BENCHMARKJOB']._serialized_end=727
-  _globals['_LEASE']._serialized_start=730
-  _globals['_LEASE']._serialized_end=858
-  _globals['_LEASEJOBRESPONSE']._serialized_start=860
-  _globals['_LEASEJOBRESPONSE']._serialized_end=914
-  _globals['_REPORTRESULTREQUEST']._serialized_start=917
-  _globals['_REPORTRESULTREQUEST']._serialized_end=1051
-  _globals['_REPORTRESULTRESPONSE']._serialized_start=1053
-  _globals['_REPORTRESULTRESPONSE']._serialized_end=1093
-  _globals['_FETCHARTIFACTREQUEST']._serialized_start=1095
-  _globals['_FETCHARTIFACTREQUEST']._serialized_end=1174
-  _globals['_AGENTGATEWAY']._serialized_start=1177
-  _globals['_AGENTGATEWAY']._serialized_end=1597
+  _globals['_REGISTERAGENTREQUEST']._serialized_end=512
+  _globals['_REGISTERAGENTREQUEST_ATTRIBUTESENTRY']._serialized_start=403
+  _globals['_REGISTERAGENTREQUEST_ATTRIBUTESENTRY']._serialized_end=452
+  _globals['_REGISTERAGENTREQUEST_UNAVAILABLERUNTIMESENTRY']._serialized_start=454
+  _globals['_REGISTERAGENTREQUEST_UNAVAILABLERUNTIMESENTRY']._serialized_end=512
+  _globals['_HEARTBEATREQUEST']._serialized_start=514
+  _globals['_HEARTBEATREQUEST']._serialized_end=564
+  _globals['_HEARTBEATRESPONSE']._serialized_start=566
+  _globals['_HEARTBEATRESPONSE']._serialized_end=642
+  _globals['_LEASEJOBREQUEST']._serialized_start=644
+  _globals['_LEASEJOBREQUEST']._serialized_end=694
+  _globals['_BENCHMARKJOB']._serialized_start=697
+  _globals['_BENCHMARKJOB']._serialized_end=965
+  _globals['_LEASE']._serialized_start=968
+  _globals['_LEASE']._serialized_end=1096
+  _globals['_LEASEJOBRESPONSE']._serialized_start=1098
+  _globals['_LEASEJOBRESPONSE']._serialized_end=1152
+  _globals['_REPORTRESULTREQUEST']._serialized_start=1155
+  _globals['_REPORTRESULTREQUEST']._serialized_end=1289
+  _globals['_REPORTRESULTRESPONSE']._serialized_start=1291
+  _globals['_REPORTRESULTRESPONSE']._serialized_end=1331
+  _globals['_FETCHARTIFACTREQUEST']._serialized_start=1333
+  _globals['_FETCHARTIFACTREQUEST']._serialized_end=1412
+  _globals['_AGENTGATEWAY']._serialized_start=1415
+  _globals['_AGENTGATEWAY']._serialized_end=1835
 # @@protoc_insertion_point(module_scope)

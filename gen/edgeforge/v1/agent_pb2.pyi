@@ -14,8 +14,15 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RegisterAgentRequest(_message.Message):
-    __slots__ = ("device_id", "display_name", "attributes")
+    __slots__ = ("device_id", "display_name", "attributes", "slots", "unavailable_runtimes")
     class AttributesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class UnavailableRuntimesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -25,10 +32,14 @@ class RegisterAgentRequest(_message.Message):
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    UNAVAILABLE_RUNTIMES_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     display_name: str
     attributes: _containers.ScalarMap[str, str]
-    def __init__(self, device_id: _Optional[str] = ..., display_name: _Optional[str] = ..., attributes: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    slots: int
+    unavailable_runtimes: _containers.ScalarMap[str, str]
+    def __init__(self, device_id: _Optional[str] = ..., display_name: _Optional[str] = ..., attributes: _Optional[_Mapping[str, str]] = ..., slots: _Optional[int] = ..., unavailable_runtimes: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("device", "leases")
@@ -55,7 +66,7 @@ class LeaseJobRequest(_message.Message):
     def __init__(self, device: _Optional[str] = ..., wait_ms: _Optional[int] = ...) -> None: ...
 
 class BenchmarkJob(_message.Message):
-    __slots__ = ("build", "candidate_id", "format", "artifact", "sha256", "size_bytes", "config")
+    __slots__ = ("build", "candidate_id", "format", "artifact", "sha256", "size_bytes", "config", "task", "runtime", "target")
     BUILD_FIELD_NUMBER: _ClassVar[int]
     CANDIDATE_ID_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +74,9 @@ class BenchmarkJob(_message.Message):
     SHA256_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
     build: str
     candidate_id: str
     format: _common_pb2.ExportFormat
@@ -70,7 +84,10 @@ class BenchmarkJob(_message.Message):
     sha256: str
     size_bytes: int
     config: _common_pb2.BenchmarkConfig
-    def __init__(self, build: _Optional[str] = ..., candidate_id: _Optional[str] = ..., format: _Optional[_Union[_common_pb2.ExportFormat, str]] = ..., artifact: _Optional[str] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., config: _Optional[_Union[_common_pb2.BenchmarkConfig, _Mapping]] = ...) -> None: ...
+    task: _common_pb2.ModelTask
+    runtime: str
+    target: str
+    def __init__(self, build: _Optional[str] = ..., candidate_id: _Optional[str] = ..., format: _Optional[_Union[_common_pb2.ExportFormat, str]] = ..., artifact: _Optional[str] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., config: _Optional[_Union[_common_pb2.BenchmarkConfig, _Mapping]] = ..., task: _Optional[_Union[_common_pb2.ModelTask, str]] = ..., runtime: _Optional[str] = ..., target: _Optional[str] = ...) -> None: ...
 
 class Lease(_message.Message):
     __slots__ = ("name", "job", "expire_time", "attempt")

@@ -28,7 +28,9 @@ if _version_not_supported:
 
 
 class AgentGatewayStub:
-    """Missing associated documentation comment in .proto file."""
+    """Every call carries the metadata "authorization: Bearer <token>" of a token with the agent role
+    (UNAUTHENTICATED with reason INVALID_TOKEN when it is missing, unknown or revoked).
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -64,7 +66,9 @@ class AgentGatewayStub:
 
 
 class AgentGatewayServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Every call carries the metadata "authorization: Bearer <token>" of a token with the agent role
+    (UNAUTHENTICATED with reason INVALID_TOKEN when it is missing, unknown or revoked).
+    """
 
     def RegisterAgent(self, request, context):
         """Registers a device (or re-registers it: the same device_id updates its attributes).
@@ -138,7 +142,9 @@ def add_AgentGatewayServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class AgentGateway:
-    """Missing associated documentation comment in .proto file."""
+    """Every call carries the metadata "authorization: Bearer <token>" of a token with the agent role
+    (UNAUTHENTICATED with reason INVALID_TOKEN when it is missing, unknown or revoked).
+    """
 
     @staticmethod
     def RegisterAgent(request,

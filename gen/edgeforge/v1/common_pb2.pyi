@@ -93,6 +93,10 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     UNSUPPORTED_ARCH: _ClassVar[ErrorReason]
     MISSING_CALIBRATION: _ClassVar[ErrorReason]
     MALFORMED_ARTIFACT: _ClassVar[ErrorReason]
+    INVALID_TOKEN: _ClassVar[ErrorReason]
+    WRONG_ROLE: _ClassVar[ErrorReason]
+    RUNTIME_UNAVAILABLE: _ClassVar[ErrorReason]
+    ATTEMPTS_EXHAUSTED: _ClassVar[ErrorReason]
 ARTIFACT_KIND_UNSPECIFIED: ArtifactKind
 ARTIFACT_KIND_SOURCE_MODEL: ArtifactKind
 ARTIFACT_KIND_MODEL: ArtifactKind
@@ -148,6 +152,10 @@ DEPENDENCY_FAILED: ErrorReason
 UNSUPPORTED_ARCH: ErrorReason
 MISSING_CALIBRATION: ErrorReason
 MALFORMED_ARTIFACT: ErrorReason
+INVALID_TOKEN: ErrorReason
+WRONG_ROLE: ErrorReason
+RUNTIME_UNAVAILABLE: ErrorReason
+ATTEMPTS_EXHAUSTED: ErrorReason
 
 class Artifact(_message.Message):
     __slots__ = ("name", "kind", "sha256", "size_bytes", "media_type", "display_name", "create_time", "lineage", "labels")
@@ -328,21 +336,51 @@ class LatencyStats(_message.Message):
     def __init__(self, p50_ms: _Optional[float] = ..., p90_ms: _Optional[float] = ..., p99_ms: _Optional[float] = ..., mean_ms: _Optional[float] = ..., stddev_ms: _Optional[float] = ..., samples_ms: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class BenchmarkConfig(_message.Message):
-    __slots__ = ("prompt_tokens", "generation_tokens", "warmup_runs", "timed_runs", "threads")
+    __slots__ = ("prompt_tokens", "generation_tokens", "warmup_runs", "timed_runs", "threads", "min_duration_ms", "max_cv_pct", "cv_repeats", "throughput_prompt_tokens", "throughput_generation_tokens", "throughput_runs", "skip_throughput", "cooldown_ms")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     GENERATION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     WARMUP_RUNS_FIELD_NUMBER: _ClassVar[int]
     TIMED_RUNS_FIELD_NUMBER: _ClassVar[int]
     THREADS_FIELD_NUMBER: _ClassVar[int]
+    MIN_DURATION_MS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CV_PCT_FIELD_NUMBER: _ClassVar[int]
+    CV_REPEATS_FIELD_NUMBER: _ClassVar[int]
+    THROUGHPUT_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    THROUGHPUT_GENERATION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    THROUGHPUT_RUNS_FIELD_NUMBER: _ClassVar[int]
+    SKIP_THROUGHPUT_FIELD_NUMBER: _ClassVar[int]
+    COOLDOWN_MS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     generation_tokens: int
     warmup_runs: int
     timed_runs: int
     threads: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., generation_tokens: _Optional[int] = ..., warmup_runs: _Optional[int] = ..., timed_runs: _Optional[int] = ..., threads: _Optional[int] = ...) -> None: ...
+    min_duration_ms: int
+    max_cv_pct: float
+    cv_repeats: int
+    throughput_prompt_tokens: _containers.RepeatedScalarFieldContainer[int]
+    throughput_generation_tokens: int
+    throughput_runs: int
+    skip_throughput: bool
+    cooldown_ms: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., generation_tokens: _Optional[int] = ..., warmup_runs: _Optional[int] = ..., timed_runs: _Optional[int] = ..., threads: _Optional[int] = ..., min_duration_ms: _Optional[int] = ..., max_cv_pct: _Optional[float] = ..., cv_repeats: _Optional[int] = ..., throughput_prompt_tokens: _Optional[_Iterable[int]] = ..., throughput_generation_tokens: _Optional[int] = ..., throughput_runs: _Optional[int] = ..., skip_throughput: _Optional[bool] = ..., cooldown_ms: _Optional[int] = ...) -> None: ...
+
+class ThroughputResult(_message.Message):
+    __slots__ = ("test", "tokens", "tokens_per_s", "stddev_tokens_per_s", "samples_ms")
+    TEST_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    STDDEV_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_MS_FIELD_NUMBER: _ClassVar[int]
+    test: str
+    tokens: int
+    tokens_per_s: float
+    stddev_tokens_per_s: float
+    samples_ms: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, test: _Optional[str] = ..., tokens: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., stddev_tokens_per_s: _Optional[float] = ..., samples_ms: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Measurement(_message.Message):
-    __slots__ = ("latency", "prompt_tokens_per_s", "generation_tokens_per_s", "load_ms", "first_run_ms", "peak_rss_bytes", "threads", "runtime_versions", "prompt_samples_ms", "generation_samples_ms")
+    __slots__ = ("latency", "prompt_tokens_per_s", "generation_tokens_per_s", "load_ms", "first_run_ms", "peak_rss_bytes", "threads", "runtime_versions", "prompt_samples_ms", "generation_samples_ms", "throughput", "cv_pct", "attempts", "unstable", "duration_ms", "warmup_runs", "driver", "runtime", "cooldown_ms", "notes")
     class RuntimeVersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -360,6 +398,16 @@ class Measurement(_message.Message):
     RUNTIME_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_SAMPLES_MS_FIELD_NUMBER: _ClassVar[int]
     GENERATION_SAMPLES_MS_FIELD_NUMBER: _ClassVar[int]
+    THROUGHPUT_FIELD_NUMBER: _ClassVar[int]
+    CV_PCT_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    UNSTABLE_FIELD_NUMBER: _ClassVar[int]
+    DURATION_MS_FIELD_NUMBER: _ClassVar[int]
+    WARMUP_RUNS_FIELD_NUMBER: _ClassVar[int]
+    DRIVER_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_FIELD_NUMBER: _ClassVar[int]
+    COOLDOWN_MS_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
     latency: LatencyStats
     prompt_tokens_per_s: float
     generation_tokens_per_s: float
@@ -370,4 +418,14 @@ class Measurement(_message.Message):
     runtime_versions: _containers.ScalarMap[str, str]
     prompt_samples_ms: _containers.RepeatedScalarFieldContainer[float]
     generation_samples_ms: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, latency: _Optional[_Union[LatencyStats, _Mapping]] = ..., prompt_tokens_per_s: _Optional[float] = ..., generation_tokens_per_s: _Optional[float] = ..., load_ms: _Optional[float] = ..., first_run_ms: _Optional[float] = ..., peak_rss_bytes: _Optional[int] = ..., threads: _Optional[int] = ..., runtime_versions: _Optional[_Mapping[str, str]] = ..., prompt_samples_ms: _Optional[_Iterable[float]] = ..., generation_samples_ms: _Optional[_Iterable[float]] = ...) -> None: ...
+    throughput: _containers.RepeatedCompositeFieldContainer[ThroughputResult]
+    cv_pct: float
+    attempts: int
+    unstable: bool
+    duration_ms: float
+    warmup_runs: int
+    driver: str
+    runtime: str
+    cooldown_ms: float
+    notes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, latency: _Optional[_Union[LatencyStats, _Mapping]] = ..., prompt_tokens_per_s: _Optional[float] = ..., generation_tokens_per_s: _Optional[float] = ..., load_ms: _Optional[float] = ..., first_run_ms: _Optional[float] = ..., peak_rss_bytes: _Optional[int] = ..., threads: _Optional[int] = ..., runtime_versions: _Optional[_Mapping[str, str]] = ..., prompt_samples_ms: _Optional[_Iterable[float]] = ..., generation_samples_ms: _Optional[_Iterable[float]] = ..., throughput: _Optional[_Iterable[_Union[ThroughputResult, _Mapping]]] = ..., cv_pct: _Optional[float] = ..., attempts: _Optional[int] = ..., unstable: _Optional[bool] = ..., duration_ms: _Optional[float] = ..., warmup_runs: _Optional[int] = ..., driver: _Optional[str] = ..., runtime: _Optional[str] = ..., cooldown_ms: _Optional[float] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -21,6 +21,7 @@ class Objective(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OBJECTIVE_UNSPECIFIED: _ClassVar[Objective]
     OBJECTIVE_BEST_QUALITY: _ClassVar[Objective]
     OBJECTIVE_LOWEST_LATENCY: _ClassVar[Objective]
+    OBJECTIVE_SMALLEST: _ClassVar[Objective]
 
 class BuildState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -65,6 +66,7 @@ class DeviceState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 OBJECTIVE_UNSPECIFIED: Objective
 OBJECTIVE_BEST_QUALITY: Objective
 OBJECTIVE_LOWEST_LATENCY: Objective
+OBJECTIVE_SMALLEST: Objective
 BUILD_STATE_UNSPECIFIED: BuildState
 BUILD_STATE_RUNNING: BuildState
 BUILD_STATE_SUCCEEDED: BuildState
@@ -93,7 +95,7 @@ DEVICE_STATE_ONLINE: DeviceState
 DEVICE_STATE_OFFLINE: DeviceState
 
 class BuildSpec(_message.Message):
-    __slots__ = ("display_name", "model", "calibration", "evaluation", "targets", "constraints", "objective", "candidates", "benchmark")
+    __slots__ = ("display_name", "model", "calibration", "evaluation", "targets", "constraints", "objective", "candidates", "benchmark", "priority")
     DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CALIBRATION_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +105,7 @@ class BuildSpec(_message.Message):
     OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     BENCHMARK_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     display_name: str
     model: ModelSource
     calibration: CalibrationConfig
@@ -112,7 +115,8 @@ class BuildSpec(_message.Message):
     objective: Objective
     candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
     benchmark: _common_pb2.BenchmarkConfig
-    def __init__(self, display_name: _Optional[str] = ..., model: _Optional[_Union[ModelSource, _Mapping]] = ..., calibration: _Optional[_Union[CalibrationConfig, _Mapping]] = ..., evaluation: _Optional[_Union[EvaluationConfig, _Mapping]] = ..., targets: _Optional[_Iterable[_Union[Target, _Mapping]]] = ..., constraints: _Optional[_Union[Constraints, _Mapping]] = ..., objective: _Optional[_Union[Objective, str]] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., benchmark: _Optional[_Union[_common_pb2.BenchmarkConfig, _Mapping]] = ...) -> None: ...
+    priority: int
+    def __init__(self, display_name: _Optional[str] = ..., model: _Optional[_Union[ModelSource, _Mapping]] = ..., calibration: _Optional[_Union[CalibrationConfig, _Mapping]] = ..., evaluation: _Optional[_Union[EvaluationConfig, _Mapping]] = ..., targets: _Optional[_Iterable[_Union[Target, _Mapping]]] = ..., constraints: _Optional[_Union[Constraints, _Mapping]] = ..., objective: _Optional[_Union[Objective, str]] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., benchmark: _Optional[_Union[_common_pb2.BenchmarkConfig, _Mapping]] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class ModelSource(_message.Message):
     __slots__ = ("artifact", "task")
@@ -143,7 +147,7 @@ class EvaluationConfig(_message.Message):
     def __init__(self, dataset: _Optional[str] = ..., max_tokens: _Optional[int] = ..., window_tokens: _Optional[int] = ...) -> None: ...
 
 class Target(_message.Message):
-    __slots__ = ("selector", "device")
+    __slots__ = ("selector", "device", "name", "each_device", "constraints")
     class SelectorEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -153,19 +157,27 @@ class Target(_message.Message):
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     SELECTOR_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    EACH_DEVICE_FIELD_NUMBER: _ClassVar[int]
+    CONSTRAINTS_FIELD_NUMBER: _ClassVar[int]
     selector: _containers.ScalarMap[str, str]
     device: str
-    def __init__(self, selector: _Optional[_Mapping[str, str]] = ..., device: _Optional[str] = ...) -> None: ...
+    name: str
+    each_device: bool
+    constraints: Constraints
+    def __init__(self, selector: _Optional[_Mapping[str, str]] = ..., device: _Optional[str] = ..., name: _Optional[str] = ..., each_device: _Optional[bool] = ..., constraints: _Optional[_Union[Constraints, _Mapping]] = ...) -> None: ...
 
 class Constraints(_message.Message):
-    __slots__ = ("max_size_bytes", "max_p90_latency_ms", "max_quality_loss_pct")
+    __slots__ = ("max_size_bytes", "max_p90_latency_ms", "max_quality_loss_pct", "max_peak_memory_bytes")
     MAX_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_P90_LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
     MAX_QUALITY_LOSS_PCT_FIELD_NUMBER: _ClassVar[int]
+    MAX_PEAK_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     max_size_bytes: int
     max_p90_latency_ms: float
     max_quality_loss_pct: float
-    def __init__(self, max_size_bytes: _Optional[int] = ..., max_p90_latency_ms: _Optional[float] = ..., max_quality_loss_pct: _Optional[float] = ...) -> None: ...
+    max_peak_memory_bytes: int
+    def __init__(self, max_size_bytes: _Optional[int] = ..., max_p90_latency_ms: _Optional[float] = ..., max_quality_loss_pct: _Optional[float] = ..., max_peak_memory_bytes: _Optional[int] = ...) -> None: ...
 
 class Candidate(_message.Message):
     __slots__ = ("id", "format", "quantization", "recipe", "export")
@@ -226,21 +238,29 @@ class CandidateResult(_message.Message):
     def __init__(self, id: _Optional[str] = ..., format: _Optional[_Union[_common_pb2.ExportFormat, str]] = ..., recipe: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., compressed_artifact: _Optional[str] = ..., artifact: _Optional[str] = ..., size_bytes: _Optional[int] = ..., quality: _Optional[_Union[_common_pb2.Quality, _Mapping]] = ..., validation: _Optional[_Union[_common_pb2.Validation, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[_compressor_pb2.TensorReport, _Mapping]]] = ..., bits_per_weight: _Optional[float] = ..., compress_seconds: _Optional[float] = ...) -> None: ...
 
 class DeviceCandidate(_message.Message):
-    __slots__ = ("candidate_id", "measurement", "status", "rejected_by", "error")
+    __slots__ = ("candidate_id", "measurement", "status", "rejected_by", "error", "device", "attempts", "pareto", "dominated_by")
     CANDIDATE_ID_FIELD_NUMBER: _ClassVar[int]
     MEASUREMENT_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     REJECTED_BY_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    PARETO_FIELD_NUMBER: _ClassVar[int]
+    DOMINATED_BY_FIELD_NUMBER: _ClassVar[int]
     candidate_id: str
     measurement: _common_pb2.Measurement
     status: CandidateStatus
     rejected_by: str
     error: _status_pb2.Status
-    def __init__(self, candidate_id: _Optional[str] = ..., measurement: _Optional[_Union[_common_pb2.Measurement, _Mapping]] = ..., status: _Optional[_Union[CandidateStatus, str]] = ..., rejected_by: _Optional[str] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
+    device: str
+    attempts: int
+    pareto: bool
+    dominated_by: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, candidate_id: _Optional[str] = ..., measurement: _Optional[_Union[_common_pb2.Measurement, _Mapping]] = ..., status: _Optional[_Union[CandidateStatus, str]] = ..., rejected_by: _Optional[str] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., device: _Optional[str] = ..., attempts: _Optional[int] = ..., pareto: _Optional[bool] = ..., dominated_by: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DeviceResult(_message.Message):
-    __slots__ = ("device", "attributes", "chosen_candidate", "candidates")
+    __slots__ = ("device", "attributes", "chosen_candidate", "candidates", "target", "constraints", "nearest_misses")
     class AttributesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -252,11 +272,17 @@ class DeviceResult(_message.Message):
     ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
     CHOSEN_CANDIDATE_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    CONSTRAINTS_FIELD_NUMBER: _ClassVar[int]
+    NEAREST_MISSES_FIELD_NUMBER: _ClassVar[int]
     device: str
     attributes: _containers.ScalarMap[str, str]
     chosen_candidate: str
     candidates: _containers.RepeatedCompositeFieldContainer[DeviceCandidate]
-    def __init__(self, device: _Optional[str] = ..., attributes: _Optional[_Mapping[str, str]] = ..., chosen_candidate: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[DeviceCandidate, _Mapping]]] = ...) -> None: ...
+    target: str
+    constraints: Constraints
+    nearest_misses: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, device: _Optional[str] = ..., attributes: _Optional[_Mapping[str, str]] = ..., chosen_candidate: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[DeviceCandidate, _Mapping]]] = ..., target: _Optional[str] = ..., constraints: _Optional[_Union[Constraints, _Mapping]] = ..., nearest_misses: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Build(_message.Message):
     __slots__ = ("name", "spec", "state", "create_time", "update_time", "reference_model", "calibration_stats", "baseline", "candidates", "devices", "report_json_artifact", "report_html_artifact", "error")
@@ -424,8 +450,15 @@ class ReadArtifactResponse(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class Device(_message.Message):
-    __slots__ = ("name", "display_name", "attributes", "state", "last_heartbeat_time", "register_time")
+    __slots__ = ("name", "display_name", "attributes", "state", "last_heartbeat_time", "register_time", "slots", "unavailable_runtimes")
     class AttributesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class UnavailableRuntimesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -438,13 +471,17 @@ class Device(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     LAST_HEARTBEAT_TIME_FIELD_NUMBER: _ClassVar[int]
     REGISTER_TIME_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    UNAVAILABLE_RUNTIMES_FIELD_NUMBER: _ClassVar[int]
     name: str
     display_name: str
     attributes: _containers.ScalarMap[str, str]
     state: DeviceState
     last_heartbeat_time: _timestamp_pb2.Timestamp
     register_time: _timestamp_pb2.Timestamp
-    def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., attributes: _Optional[_Mapping[str, str]] = ..., state: _Optional[_Union[DeviceState, str]] = ..., last_heartbeat_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., register_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    slots: int
+    unavailable_runtimes: _containers.ScalarMap[str, str]
+    def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., attributes: _Optional[_Mapping[str, str]] = ..., state: _Optional[_Union[DeviceState, str]] = ..., last_heartbeat_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., register_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., slots: _Optional[int] = ..., unavailable_runtimes: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ListDevicesRequest(_message.Message):
     __slots__ = ("selector",)

@@ -288,3 +288,88 @@ def test_cancel_build_cancels_queued_and_leased_jobs(scheduler, state):
     assert info.value.reason == "LEASE_EXPIRED"
     assert scheduler.lease("d1", wait_s=0).job.candidate_id == "other"
     assert _jobs(state, "b2")["other"]["state"] == LEASED
+
+
+# ---------------------------------------------------------------- pools, priorities, runtimes, slots
+def _register(state: CoordinatorState, device: str, slots: int = 1, **attributes) -> None:
+    state.upsert_device(coordinator_pb2.Device(name=f"devices/{device}", attributes=attributes, slots=slots),
+                        time.time())
+
+
+def _pool_job(scheduler: Scheduler, candidate: str, selector: dict, *, build: str = "b1", priority: int = 0,
+              runtime: str = "") -> str:
+    job = _job(candidate, build)
+    job.runtime, job.target = runtime, "pool"
+    return scheduler.enqueue(build, candidate, "", job, selector=selector, priority=priority)
+
+
+def test_a_pool_job_goes_to_any_matching_device_and_never_to_others(scheduler, state):
+    _register(state, "phone-13", os="android", os_version="13")
+    _register(state, "phone-15", os="android", os_version="15.0")
+    _register(state, "laptop", os="linux")
+    _pool_job(scheduler, "c1", {"os": "android", "os_version": "[13,15)"})
+    assert scheduler.lease("laptop", wait_s=0) is None
+    assert scheduler.lease("phone-15", wait_s=0) is None                   # 15 is outside [13,15)
+    assert scheduler.lease("phone-13", wait_s=0).job.candidate_id == "c1"
+
+
+def test_higher_priority_first_then_fifo(scheduler, state):
+    _register(state, "dev", os="linux")
+    for candidate, priority in (("low-1", 0), ("high-1", 5), ("low-2", 0), ("high-2", 5), ("urgent", 9)):
+        _pool_job(scheduler, candidate, {"os": "linux"}, priority=priority)
+    order = []
+    for _ in range(5):
+        lease = scheduler.lease("dev", wait_s=0)
+        order.append(lease.job.candidate_id)
+        scheduler.report(lease.name, _measurement(), None)
+    assert order == ["urgent", "high-1", "high-2", "low-1", "low-2"]
+
+
+def test_jobs_go_only_to_devices_with_the_runtime(scheduler, state):
+    _register(state, "onnx-only", **{"os": "linux", "runtime:onnxruntime": "1.23"})
+    _register(state, "both", **{"os": "linux", "runtime:onnxruntime": "1.23", "runtime:llama.cpp": "0.3"})
+    _pool_job(scheduler, "gguf", {"os": "linux"}, runtime="llama.cpp")
+    assert scheduler.lease("onnx-only", wait_s=0) is None
+    assert scheduler.lease("both", wait_s=0).job.candidate_id == "gguf"
+
+
+def test_a_lapsed_pool_job_completes_on_another_device(scheduler, state):
+    _register(state, "a", os="linux")
+    _register(state, "b", os="linux")
+    _pool_job(scheduler, "c1", {"os": "linux"})
+    first = scheduler.lease("a", wait_s=0)                          # then device a dies
+    scheduler.expire_stale(now=_far_future())
+    second = scheduler.lease("b", wait_s=0)
+    assert second.job.candidate_id == "c1" and second.attempt == 2
+    assert scheduler.report(second.name, _measurement(), None) is True
+    row = _jobs(state)["c1"]
+    assert (row["state"], row["measured_by"], row["attempts"]) == (SUCCEEDED, "b", 2)
+    with pytest.raises(FailedPrecondition):                          # the dead device's late result
+        scheduler.report(first.name, _measurement(), None)
+
+
+def test_exhausted_attempts_fail_with_their_reason(state):
+    from shared.grpc_status import to_status_proto  # noqa: F401 (the status carries ErrorInfo)
+    from google.rpc import error_details_pb2
+    scheduler = Scheduler(state, lease_ttl_s=30.0, max_attempts=1)
+    _register(state, "a", os="linux")
+    _pool_job(scheduler, "c1", {"os": "linux"})
+    scheduler.lease("a", wait_s=0)
+    scheduler.expire_stale(now=_far_future())
+    error = status_pb2.Status.FromString(_jobs(state)["c1"]["outcome"])
+    info = error_details_pb2.ErrorInfo()
+    assert error.details[0].Unpack(info) and info.reason == "ATTEMPTS_EXHAUSTED"
+    assert "gave up after 1 attempts" in error.message
+
+
+def test_slots_let_a_device_hold_several_leases(scheduler, state):
+    _register(state, "wide", slots=2, os="linux")
+    for candidate in ("c1", "c2", "c3"):
+        _pool_job(scheduler, candidate, {"os": "linux"})
+    first, second = scheduler.lease("wide", wait_s=0), scheduler.lease("wide", wait_s=0)
+    assert {first.job.candidate_id, second.job.candidate_id} == {"c1", "c2"}
+    assert all(r["state"] == LEASED for r in _jobs(state).values() if r["candidate_id"] in ("c1", "c2"))
+    third = scheduler.lease("wide", wait_s=0)                        # a third ask abandons the oldest lease
+    jobs = _jobs(state)
+    assert third.job.candidate_id in ("c1", "c3")
+    assert sum(r["state"] == LEASED for r in jobs.values()) == 2
