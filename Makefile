@@ -10,9 +10,24 @@ PROTOS := $(wildcard proto/edgeforge/v1/*.proto)
 ASSETS := .edgeforge-assets
 PYTEST_ARGS ?=
 
-.PHONY: setup gen assets test test-fast demo bench clean
+.PHONY: setup gen assets test test-fast demo bench clean agent-wheel system-deps test-arm
 
-setup: $(VENV)/.deps gen.stamp $(ASSETS)/.done
+setup: system-deps $(VENV)/.deps gen.stamp $(ASSETS)/.done
+
+# Debian packages: adb (the agent drives attached Android phones through the real adb).
+SYSTEM_PACKAGES := adb
+APT := $(if $(filter 0,$(shell id -u)),,sudo) apt-get
+system-deps:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then echo "installing Debian packages:$$missing"; \
+	  $(APT) update -qq && DEBIAN_FRONTEND=noninteractive $(APT) install -y -qq $$missing >/dev/null; fi
+
+# The device agent as a wheel a device installs alone (clients/agent/pyproject.toml).
+agent-wheel: gen.stamp
+	rm -rf clients/agent/build dist/edgeforge_agent-*.whl
+	$(PIP) wheel -q --no-deps --no-build-isolation -w dist clients/agent
+	rm -rf clients/agent/build clients/agent/*.egg-info
+	@ls dist/edgeforge_agent-*.whl
 
 $(VENV)/.deps: requirements.txt requirements-assets.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -1,17 +1,30 @@
-"""edgeforge-agent: register this device, then lease, fetch, measure and report, forever.
+"""edgeforge-agent: register this device (and any attached phones), then lease, fetch, measure and
+report, until stopped.
 
-    edgeforge-agent --coordinator HOST:PORT [--label device=pixel-8-host] [--cache-dir DIR]
+    edgeforge-agent --coordinator HOST:PORT --token-file agent.token [--label device=bench-host]
+                    [--drivers local,adb] [--runtimes onnxruntime,llama.cpp] [--slots 1]
+                    [--cache-dir DIR] [--cache-max-bytes 20G] [--config agent.toml]
 
-The agent connects out to the coordinator (devices sit behind NAT). Each artifact is checked against
-the lease's sha256 before it runs; each measurement runs in a child process whose own peak RSS
-(VmHWM: resident pages, file-backed mappings included) is the memory reported.
+The agent connects out to the coordinator (devices sit behind NAT) with a bearer token of the agent
+role. Every device it drives — this host ("local" driver) and each Android phone attached over adb
+("adb" driver, one device per serial) — registers its own profile, heartbeats its leases, and runs
+one job at a time unless given more slots. Each artifact is checked against the lease's sha256
+before it runs; each local measurement runs in a child process whose own peak RSS is the memory
+reported (clients/agent/measure.py has the protocol).
+
+A config file (TOML, or JSON) may hold any long option by name (`coordinator = "..."`,
+`labels = {device = "pixel-8-host"}`, `drivers = ["local", "adb"]`, `cache_max_bytes = "20G"`, ...);
+command-line flags override it.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,36 +32,89 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Callable
 
 import grpc
 from google.protobuf import json_format
 from google.rpc import status_pb2
 
-from clients.agent import profile
-from clients.agent.cache import ArtifactCache
+from . import __version__, profile
+from .cache import ArtifactCache, CacheError, Unpacked
+from .drivers import FORMAT_RUNTIME
 from edgeforge.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 
 log = logging.getLogger("edgeforge.agent")
-FORMATS = {common_pb2.EXPORT_FORMAT_GGUF: "gguf", common_pb2.EXPORT_FORMAT_ONNX: "onnx"}
-RUNTIME_OF = {"gguf": "llama.cpp", "onnx": "onnxruntime"}
+FORMATS = {common_pb2.EXPORT_FORMAT_GGUF: "gguf", common_pb2.EXPORT_FORMAT_ONNX: "onnx",
+           common_pb2.EXPORT_FORMAT_TFLITE: "tflite", common_pb2.EXPORT_FORMAT_COREML: "coreml"}
+TASKS = {common_pb2.MODEL_TASK_CAUSAL_LM: "causal_lm"}
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20),
+                   ("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 10_000)]
+DEFAULT_CACHE = Path.home() / ".cache" / "edgeforge-agent"
 
 
-def device_id(cache_dir: Path) -> str:
-    """A stable id for this device, persisted in the cache dir."""
+class Failed(Exception):
+    """A job that could not be measured; the message goes back to the coordinator."""
+
+
+@dataclasses.dataclass
+class AgentConfig:
+    coordinator: str
+    token: str = ""
+    labels: dict[str, str] = dataclasses.field(default_factory=dict)
+    cache_dir: Path = DEFAULT_CACHE
+    cache_max_bytes: int = 20 << 30
+    drivers: tuple[str, ...] = ("local",)
+    runtimes: frozenset[str] | None = None          # None: every runtime installed here
+    slots: int = 1
+    device_id: str = ""
+    adb: str = "adb"
+    adb_tools: Path | None = None
+    measure_timeout_s: float = 1800.0
+    lease_wait_ms: int = 10_000
+    host_lock: Path | None = None                    # one measurement at a time across agents sharing it
+
+
+# ---------------------------------------------------------------------- the connection
+class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds "authorization: Bearer <token>" to every call."""
+
+    def __init__(self, token: str):
+        self.metadata = (("authorization", f"Bearer {token}"),)
+
+    def _details(self, details):
+        return details._replace(metadata=tuple(details.metadata or ()) + self.metadata) \
+            if hasattr(details, "_replace") else _Details(details, self.metadata)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+
+class _Details(grpc.ClientCallDetails):
+    def __init__(self, details, metadata):
+        self.method, self.timeout, self.credentials = details.method, details.timeout, details.credentials
+        self.wait_for_ready, self.compression = details.wait_for_ready, details.compression
+        self.metadata = tuple(details.metadata or ()) + metadata
+
+
+def stable_id(cache_dir: Path) -> str:
+    """This host's device id, persisted in the cache dir: the host name plus a random suffix."""
     path = cache_dir / "device-id"
     if path.is_file():
         return path.read_text().strip()
-    host = "".join(c if c.isalnum() else "-" for c in os.uname().nodename.lower())[:40].strip("-") or "device"
+    host = re.sub(r"[^a-z0-9]+", "-", os.uname().nodename.lower())[:40].strip("-") or "device"
     value = f"{host}-{uuid.uuid4().hex[:8]}"
     cache_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(value)
     return value
 
 
-def run_measurement(export_format: str, path: Path, config: dict, cancelled: threading.Event,
-                    timeout_s: float) -> dict:
-    """Runs clients.agent.measure in a child process (its peak RSS is the runtime's alone)."""
-    child = subprocess.Popen([sys.executable, "-m", "clients.agent.measure", export_format, str(path),
+# ---------------------------------------------------------------------- measuring
+def run_local(export_format: str, path: Path, config: dict, cancelled: threading.Event, timeout_s: float) -> dict:
+    """Runs the measurement protocol in a child process (its peak RSS is the runtime's alone)."""
+    child = subprocess.Popen([sys.executable, "-m", f"{__package__}.measure", export_format, str(path),
                               json.dumps(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     started = time.monotonic()
     while True:
@@ -59,151 +125,386 @@ def run_measurement(export_format: str, path: Path, config: dict, cancelled: thr
             if cancelled.is_set() or time.monotonic() - started > timeout_s:
                 child.kill()
                 child.communicate()
-                raise RuntimeError("cancelled" if cancelled.is_set() else f"measurement exceeded {timeout_s:.0f} s")
+                raise Failed("cancelled" if cancelled.is_set() else f"measurement exceeded {timeout_s:.0f} s")
     if child.returncode != 0:
         tail = stderr.decode(errors="replace").strip().splitlines()[-3:]
-        raise RuntimeError(f"{RUNTIME_OF[export_format]} failed (exit {child.returncode}): {' | '.join(tail)}")
+        raise Failed(f"{FORMAT_RUNTIME[export_format]} failed (exit {child.returncode}): {' | '.join(tail)}")
     return json.loads(stdout.decode().strip().splitlines()[-1])
 
 
-class Agent:
-    def __init__(self, coordinator: str, cache_dir: Path, cache_max_bytes: int, labels: dict[str, str],
-                 device: str | None = None, cooldown_s: float = 1.0, measure_timeout_s: float = 1800.0):
-        from shared.server import channel
-        self._channel = channel(coordinator)
-        self.stub = agent_pb2_grpc.AgentGatewayStub(self._channel)
-        self.cache = ArtifactCache(cache_dir / "artifacts", cache_max_bytes)
-        self.device_id = device or device_id(cache_dir)
-        self.labels, self.cooldown_s, self.measure_timeout_s = labels, cooldown_s, measure_timeout_s
-        self.stopping = threading.Event()
-        self.current_lease: str | None = None
-        self.lease_cancelled = threading.Event()
-        self.heartbeat_interval_s = 1.0          # until the coordinator says otherwise
+class DeviceWorker:
+    """One device: registration, heartbeats, and `slots` lease loops."""
 
-    def stop(self) -> None:
-        """Stops the loops now: closing the channel ends a pending LeaseJob long-poll at once."""
-        self.stopping.set()
-        self._channel.close()
+    def __init__(self, agent: "Agent", device_id: str, attributes: dict[str, str], unavailable: dict[str, str],
+                 measure: Callable[[str, Path, dict, threading.Event], dict], slots: int = 1):
+        self.agent, self.device_id, self.attributes, self.unavailable = agent, device_id, attributes, unavailable
+        self.measure, self.slots = measure, slots
+        self.stopping = threading.Event()
+        self.leases: dict[str, threading.Event] = {}           # lease name -> its cancel flag
+        self._lock = threading.Lock()
+        self.heartbeat_interval_s = 1.0
+        self.threads: list[threading.Thread] = []
 
     @property
-    def device(self) -> str:
+    def name(self) -> str:
         return f"devices/{self.device_id}"
 
+    @property
+    def runtimes(self) -> set[str]:
+        return {key.removeprefix("runtime:") for key in self.attributes if key.startswith("runtime:")}
+
     def register(self) -> None:
-        attributes = profile.detect(self.labels)
-        self.stub.RegisterAgent(agent_pb2.RegisterAgentRequest(device_id=self.device_id, attributes=attributes,
-                                                               display_name=attributes["cpu"]), timeout=30)
-        log.info("registered %s (%s/%s, %s cores)", self.device, attributes["os"], attributes["arch"],
-                 attributes["cores"])
+        self.agent.stub.RegisterAgent(agent_pb2.RegisterAgentRequest(
+            device_id=self.device_id, attributes=self.attributes, display_name=self.attributes.get("cpu", ""),
+            slots=self.slots, unavailable_runtimes=self.unavailable), timeout=30)
+        log.info("registered %s (%s/%s, %s cores, runtimes: %s)", self.name, self.attributes.get("os"),
+                 self.attributes.get("arch"), self.attributes.get("cores"), ", ".join(sorted(self.runtimes)) or "none")
+
+    def start(self) -> None:
+        self.threads = [threading.Thread(target=self._heartbeats, name=f"{self.device_id}-heartbeats", daemon=True)]
+        self.threads += [threading.Thread(target=self._lease_loop, name=f"{self.device_id}-slot{i}", daemon=True)
+                         for i in range(self.slots)]
+        for thread in self.threads:
+            thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        with self._lock:
+            for cancelled in self.leases.values():
+                cancelled.set()
+
+    def _stopped(self) -> bool:
+        return self.stopping.is_set() or self.agent.stopping.is_set()
+
+    def _wait(self, seconds: float) -> bool:
+        """Sleeps up to `seconds`; True when the worker is being stopped."""
+        deadline = time.monotonic() + seconds
+        while not self._stopped() and time.monotonic() < deadline:
+            time.sleep(min(0.1, max(deadline - time.monotonic(), 0)))
+        return self._stopped()
 
     def _heartbeats(self) -> None:
-        while not self.stopping.wait(self.heartbeat_interval_s):
-            lease = self.current_lease
+        while not self._wait(self.heartbeat_interval_s):
+            with self._lock:
+                held = list(self.leases)
             try:
-                response = self.stub.Heartbeat(agent_pb2.HeartbeatRequest(device=self.device,
-                                                                          leases=[lease] if lease else []), timeout=10)
-                self.heartbeat_interval_s = max(response.heartbeat_interval_ms / 1000, 0.5)
-                if lease and lease in response.cancelled_leases:
-                    log.warning("%s was cancelled or lapsed; abandoning it", lease)
-                    self.lease_cancelled.set()
+                response = self.agent.stub.Heartbeat(agent_pb2.HeartbeatRequest(device=self.name, leases=held),
+                                                     timeout=10)
+                self.heartbeat_interval_s = max(response.heartbeat_interval_ms / 1000, 0.2)
+                with self._lock:
+                    for name in response.cancelled_leases:
+                        if name in self.leases:
+                            log.warning("%s was cancelled or lapsed; abandoning it", name)
+                            self.leases[name].set()
             except ValueError:                                      # the channel was closed by stop()
                 return
             except grpc.RpcError as error:
                 if error.code() == grpc.StatusCode.NOT_FOUND:      # the coordinator forgot us: register again
-                    self._safely(self.register)
+                    self.agent.safely(self.register)
                 else:
-                    log.warning("heartbeat failed: %s", error.details())
+                    log.warning("%s heartbeat failed: %s", self.name, error.details())
 
-    def _safely(self, action) -> bool:
-        try:
-            action()
-            return True
-        except grpc.RpcError as error:
-            log.warning("%s failed: %s", getattr(action, "__name__", "call"), error.details())
-            return False
-
-    def run_forever(self) -> None:
-        while not self.stopping.is_set() and not self._safely(self.register):
-            self.stopping.wait(2.0)
-        threading.Thread(target=self._heartbeats, name="heartbeats", daemon=True).start()
-        while not self.stopping.is_set():
+    def _lease_loop(self) -> None:
+        while not self._stopped():
             try:
-                response = self.stub.LeaseJob(agent_pb2.LeaseJobRequest(device=self.device, wait_ms=10_000),
-                                              timeout=20)
-            except (grpc.RpcError, ValueError) as error:      # ValueError: the channel was closed by stop()
-                if self.stopping.is_set():
+                response = self.agent.stub.LeaseJob(agent_pb2.LeaseJobRequest(
+                    device=self.name, wait_ms=self.agent.config.lease_wait_ms),
+                    timeout=self.agent.config.lease_wait_ms / 1000 + 10)
+            except (grpc.RpcError, ValueError) as error:       # ValueError: the channel was closed by stop()
+                if self._stopped():
                     return
                 if isinstance(error, grpc.RpcError) and error.code() == grpc.StatusCode.NOT_FOUND:
-                    self._safely(self.register)
+                    self.agent.safely(self.register)
+                elif isinstance(error, grpc.RpcError) and error.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    log.error("the coordinator refused this agent's token: %s", error.details())
                 else:
                     log.warning("LeaseJob failed: %s", error.details() if isinstance(error, grpc.RpcError) else error)
-                self.stopping.wait(2.0)
+                self._wait(2.0)
                 continue
             if response.HasField("lease"):
                 self.handle(response.lease)
-                self.stopping.wait(self.cooldown_s)              # cool-down between candidates
 
     def handle(self, lease: agent_pb2.Lease) -> None:
-        job = lease.job
-        self.current_lease = lease.name
-        self.lease_cancelled.clear()
-        log.info("%s: measuring %s (%s) for %s", lease.name, job.candidate_id, job.artifact, job.build)
+        job, cancelled = lease.job, threading.Event()
+        with self._lock:
+            self.leases[lease.name] = cancelled
+        log.info("%s: measuring %s (%s) of %s on %s, attempt %d", lease.name, job.candidate_id, job.artifact,
+                 job.build, self.name, lease.attempt)
         request = agent_pb2.ReportResultRequest(lease=lease.name)
         try:
-            export_format = FORMATS.get(job.format)
-            if export_format is None or RUNTIME_OF[export_format] not in profile.runtimes():
-                raise RuntimeError(f"this device has no runtime for format {job.format}")
-            read = lambda offset: self.stub.FetchArtifact(agent_pb2.FetchArtifactRequest(lease=lease.name,
-                                                                                           offset=offset), timeout=3600)
-            path = self.cache.fetch(job.sha256, job.size_bytes, read)
-            config = json_format.MessageToDict(job.config, preserving_proto_field_name=True)
-            result = run_measurement(export_format, path, config, self.lease_cancelled, self.measure_timeout_s)
-            measurement = json_format.ParseDict(result, common_pb2.Measurement())
-            request.measurement.CopyFrom(measurement)
-        except (RuntimeError, OSError, ValueError, grpc.RpcError) as error:
-            if self.lease_cancelled.is_set():
-                self.current_lease = None
+            request.measurement.CopyFrom(self._measure(lease, cancelled))
+        except (Failed, CacheError, OSError, ValueError, KeyError, grpc.RpcError) as error:
+            if cancelled.is_set():
+                log.info("%s abandoned", lease.name)
                 return
             message = error.details() if isinstance(error, grpc.RpcError) else str(error)
             log.warning("%s failed: %s", lease.name, message)
             request.error.CopyFrom(status_pb2.Status(code=9, message=message))
         finally:
-            self.current_lease = None
-        for attempt in range(5):                                   # ReportResult is idempotent per lease
+            with self._lock:
+                self.leases.pop(lease.name, None)
+        self.agent.report(request)
+
+    def _measure(self, lease: agent_pb2.Lease, cancelled: threading.Event) -> common_pb2.Measurement:
+        job = lease.job
+        export_format = FORMATS.get(job.format)
+        if export_format is None:
+            raise Failed(f"this agent ({__version__}) does not know export format {job.format}")
+        runtime = FORMAT_RUNTIME[export_format]
+        if runtime not in self.runtimes:
+            raise Failed(f"{self.name} has no {runtime} runtime: "
+                         f"{self.unavailable.get(runtime, 'not offered by this agent')}")
+        config = json_format.MessageToDict(job.config, preserving_proto_field_name=True)
+        config["task"] = TASKS.get(job.task, "causal_lm")
+        cooldown_s = config.get("cooldown_ms", 1000) / 1000
+        stub = self.agent.stub
+        path = self.agent.cache.fetch(job.sha256, job.size_bytes, lambda offset: stub.FetchArtifact(
+            agent_pb2.FetchArtifactRequest(lease=lease.name, offset=offset), timeout=3600))
+        with self.agent.exclusive(cancelled):
+            started = time.monotonic()
+            while time.monotonic() - started < cooldown_s:     # cool-down: the last job's heat and caches fade
+                if cancelled.wait(0.05):
+                    raise Failed("cancelled")
+            with Unpacked(path, self.agent.cache.root.parent / "scratch") as target:
+                result = self.measure(export_format, target, config, cancelled)
+        result["cooldown_ms"] = cooldown_s * 1000
+        return json_format.ParseDict(result, common_pb2.Measurement(), ignore_unknown_fields=False)
+
+
+class Agent:
+    def __init__(self, config: AgentConfig):
+        self.config = config
+        channel = grpc.insecure_channel(config.coordinator, options=CHANNEL_OPTIONS)
+        self._channel = channel
+        if config.token:
+            channel = grpc.intercept_channel(channel, _Bearer(config.token))
+        self.stub = agent_pb2_grpc.AgentGatewayStub(channel)
+        self.cache = ArtifactCache(config.cache_dir / "artifacts", config.cache_max_bytes)
+        self.stopping = threading.Event()
+        self.workers: dict[str, DeviceWorker] = {}
+        self.host_id = config.device_id or stable_id(config.cache_dir)
+
+    @contextlib.contextmanager
+    def exclusive(self, cancelled: threading.Event):
+        """Holds the host lock (--host-lock) while measuring: several agents emulating devices on one
+        machine then measure one at a time instead of stealing each other's cores and memory bandwidth."""
+        if self.config.host_lock is None:
+            yield
+            return
+        import fcntl
+        self.config.host_lock.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.config.host_lock, "a") as handle:
+            while True:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if cancelled.wait(0.1) or self.stopping.is_set():
+                        raise Failed("cancelled while waiting for the host lock")
             try:
-                self.stub.ReportResult(request, timeout=30)
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def stop(self) -> None:
+        """Stops every loop now: closing the channel ends pending LeaseJob long-polls at once."""
+        self.stopping.set()
+        for worker in list(self.workers.values()):
+            worker.stop()
+        self._channel.close()
+
+    def safely(self, action) -> bool:
+        try:
+            action()
+            return True
+        except grpc.RpcError as error:
+            if error.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                log.error("the coordinator refused this agent's token: %s", error.details())
+            else:
+                log.warning("%s failed: %s", getattr(action, "__name__", "call"), error.details())
+            return False
+        except ValueError:                                        # the channel was closed by stop()
+            return False
+
+    def report(self, request: agent_pb2.ReportResultRequest) -> None:
+        for attempt in range(6):                                   # ReportResult is idempotent per lease
+            try:
+                accepted = self.stub.ReportResult(request, timeout=30).accepted
+                log.info("%s reported%s", request.lease, "" if accepted else " (already recorded)")
                 return
             except ValueError:                                      # stopped while measuring
                 return
             except grpc.RpcError as error:
-                if error.code() != grpc.StatusCode.UNAVAILABLE:
+                if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     log.warning("ReportResult refused: %s", error.details())
                     return
-                time.sleep(2 ** attempt)
+                time.sleep(min(2 ** attempt, 15))
+
+    def add(self, worker: DeviceWorker) -> None:
+        while not self.stopping.is_set() and not self.safely(worker.register):
+            self.stopping.wait(2.0)
+        if not self.stopping.is_set():
+            self.workers[worker.device_id] = worker
+            worker.start()
+
+    def local_worker(self) -> DeviceWorker:
+        attributes, unavailable = profile.detect(self.config.labels, self.config.runtimes)
+        attributes["agent"] = __version__
+        timeout = self.config.measure_timeout_s
+        return DeviceWorker(self, self.host_id, attributes, unavailable,
+                            lambda fmt, path, config, cancelled: run_local(fmt, path, config, cancelled, timeout),
+                            self.config.slots)
+
+    def run_forever(self) -> None:
+        if "local" in self.config.drivers:
+            self.add(self.local_worker())
+        if "adb" in self.config.drivers:
+            threading.Thread(target=self._watch_phones, name="adb", daemon=True).start()
+        self.stopping.wait()
+
+    def _watch_phones(self) -> None:
+        """Registers each phone adb reports, one device per serial; stops driving phones that vanish."""
+        from .adb import Adb
+        adb = Adb(self.config.adb, tools_dir=self.config.adb_tools)
+        while not self.stopping.is_set():
+            try:
+                phones = {phone.serial: phone for phone in adb.devices()}
+            except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+                log.warning("adb failed: %s", error)
+                phones = {}
+            prefix = f"{self.host_id[:30]}-"
+            for serial in phones:
+                device_id = prefix + re.sub(r"[^a-z0-9]+", "-", serial.lower()).strip("-")[:32]
+                if device_id in self.workers and not self.workers[device_id].stopping.is_set():
+                    continue
+                attributes = {**adb.profile(serial), **self.config.labels, "agent": __version__}
+                available = {k for k in attributes if k.startswith("runtime:")}
+                if self.config.runtimes is not None:
+                    for key in available - {f"runtime:{r}" for r in self.config.runtimes}:
+                        del attributes[key]
+                worker = DeviceWorker(self, device_id, attributes, {},
+                                      lambda fmt, path, config, cancelled, s=serial: adb.measure(s, fmt, path, config),
+                                      slots=1)
+                threading.Thread(target=self.add, args=(worker,), daemon=True).start()
+            for device_id, worker in list(self.workers.items()):
+                serial = worker.attributes.get("serial")
+                if serial and serial not in phones and not worker.stopping.is_set():
+                    log.warning("%s (%s) is gone; its leases will lapse and go back to the queue", device_id, serial)
+                    worker.stop()
+                    del self.workers[device_id]
+            self.stopping.wait(5.0)
 
 
-def _labels(values: list[str]) -> dict[str, str]:
+# ---------------------------------------------------------------------- command line
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?[bB])?\s*$")
+
+
+def parse_size(value) -> int:
+    """Bytes from 123, "500M", "20G", "1.5TiB" (binary multiples)."""
+    if isinstance(value, int):
+        return value
+    match = _SIZE.match(str(value))
+    if not match:
+        raise ValueError(f"not a size: {value!r} (write e.g. 20G or 500M)")
+    number, unit = float(match.group(1)), match.group(2).upper()
+    return int(number * (1 << (10 * " KMGT".index(unit or " "))))
+
+
+def _labels(values) -> dict[str, str]:
+    if isinstance(values, dict):
+        return {str(k): str(v) for k, v in values.items()}
     labels = {}
     for value in values:
         key, sep, item = value.partition("=")
         if not sep or not key:
-            raise SystemExit(f"--label must be key=value, got {value!r}")
+            raise ValueError(f"a label must be key=value, got {value!r}")
         labels[key] = item
     return labels
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="edgeforge-agent", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--coordinator", required=True, help="coordinator address host:port")
-    parser.add_argument("--label", action="append", default=[], help="extra attribute key=value (repeatable)")
+def _csv(value) -> tuple[str, ...]:
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    return tuple(item.strip() for item in items if item.strip())
+
+
+def load_config(path: Path) -> dict:
+    text = path.read_text()
+    if path.suffix == ".json":
+        return json.loads(text)
+    import tomllib                                        # Python 3.11+; JSON works everywhere
+    return tomllib.loads(text)
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgeforge-agent", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"edgeforge-agent {__version__}")
+    parser.add_argument("--config", type=Path, help="TOML or JSON file with any of these options")
+    parser.add_argument("--coordinator", help="coordinator address host:port")
+    parser.add_argument("--token", help="agent token (prefer --token-file or $EDGEFORGE_AGENT_TOKEN)")
+    parser.add_argument("--token-file", type=Path, help="file holding the agent token")
+    parser.add_argument("--label", action="append", default=None, help="extra attribute key=value (repeatable)")
     parser.add_argument("--device-id", help="stable device id (default: hostname + random suffix, persisted)")
-    parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "edgeforge-agent")
-    parser.add_argument("--cache-max-bytes", type=int, default=10 << 30)
-    parser.add_argument("--cooldown-s", type=float, default=1.0, help="pause between measurements")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s agent %(levelname)s %(message)s")
-    agent = Agent(args.coordinator, args.cache_dir, args.cache_max_bytes, _labels(args.label), args.device_id,
-                  args.cooldown_s)
+    parser.add_argument("--cache-dir", type=Path, help=f"artifact cache (default {DEFAULT_CACHE})")
+    parser.add_argument("--cache-max-bytes", help="cache size cap, e.g. 20G (default 20G)")
+    parser.add_argument("--drivers", help="local, adb or local,adb (default local)")
+    parser.add_argument("--runtimes", help="offer only these runtimes, e.g. onnxruntime,litert (default: all here)")
+    parser.add_argument("--slots", type=int, help="jobs this host runs at once (default 1: measurements never overlap)")
+    parser.add_argument("--adb", help="the adb binary (default: adb on PATH)")
+    parser.add_argument("--adb-tools", type=Path, help="host directory of arm64 benchmark binaries to push to phones")
+    parser.add_argument("--measure-timeout-s", type=float, help="longest one measurement may take (default 1800)")
+    parser.add_argument("--host-lock", type=Path, help="lock file shared by agents on one machine: they measure "
+                                                       "one at a time (emulated devices on one host)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+def config_from(args: argparse.Namespace) -> AgentConfig:
+    file = load_config(args.config) if args.config else {}
+    unknown = set(file) - {f.name for f in dataclasses.fields(AgentConfig)} - {"token_file"}
+    if unknown:
+        raise ValueError(f"{args.config}: unknown option(s) {', '.join(sorted(unknown))}")
+
+    def pick(name, default=None):
+        value = getattr(args, name, None)
+        return value if value is not None else file.get(name, default)
+    token = pick("token") or os.environ.get("EDGEFORGE_AGENT_TOKEN", "")
+    token_file = pick("token_file")
+    if not token and token_file:
+        token = Path(token_file).read_text().strip()
+    coordinator = pick("coordinator")
+    if not coordinator:
+        raise ValueError("--coordinator HOST:PORT is required (flag or config file)")
+    drivers = _csv(pick("drivers", "local"))
+    if not drivers or set(drivers) - {"local", "adb"}:
+        raise ValueError(f"--drivers takes local and/or adb, got {','.join(drivers)!r}")
+    runtimes = pick("runtimes")
+    slots = int(pick("slots", 1))
+    if not 1 <= slots <= 64:
+        raise ValueError(f"--slots must be in [1, 64], got {slots}")
+    tools = pick("adb_tools")
+    return AgentConfig(coordinator=coordinator, token=token, labels=_labels(pick("label") or file.get("labels") or {}),
+                       cache_dir=Path(pick("cache_dir", DEFAULT_CACHE)),
+                       cache_max_bytes=parse_size(pick("cache_max_bytes", 20 << 30)), drivers=drivers,
+                       runtimes=frozenset(_csv(runtimes)) if runtimes else None, slots=slots,
+                       device_id=pick("device_id", "") or "", adb=pick("adb", "adb"),
+                       adb_tools=Path(tools) if tools else None,
+                       measure_timeout_s=float(pick("measure_timeout_s", 1800.0)),
+                       host_lock=Path(pick("host_lock")) if pick("host_lock") else None)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s agent %(levelname)s %(message)s")
+    try:
+        config = config_from(args)
+    except (ValueError, OSError) as error:
+        raise SystemExit(f"edgeforge-agent: {error}")
+    if not config.token:
+        log.warning("no token given (--token-file, --token or $EDGEFORGE_AGENT_TOKEN): a coordinator that checks "
+                    "tokens will refuse this agent")
+    agent = Agent(config)
     signal.signal(signal.SIGTERM, lambda *_: agent.stop())
     signal.signal(signal.SIGINT, lambda *_: agent.stop())
     agent.run_forever()

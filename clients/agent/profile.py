@@ -1,13 +1,21 @@
-"""This device's profile as namespaced attributes (os, os_version, arch, cpu, cores, ram_bytes,
-runtime:<name> -> version), plus user labels."""
+"""This host's profile as namespaced attributes, plus user labels.
+
+    os, os_version, os_name, kernel, arch, cpu, cores, ram_bytes, python,
+    accelerator:<kind> -> what was found (gpu, npu, ane), runtime:<name> -> version
+
+`cores` is what this process may use (its CPU affinity: an agent started under `taskset -c 0` is a
+one-core device, and its runtimes get one thread). Runtimes are those the drivers can load here
+(drivers.runtime_status), optionally narrowed to the ones the agent was told to offer; the others
+are reported with the reason, so a build that needs one says why no device can take it.
+"""
 from __future__ import annotations
 
 import os
 import platform
-from importlib import metadata
+import subprocess
 from pathlib import Path
 
-RUNTIME_PACKAGES = {"llama.cpp": "llama_cpp_python", "onnxruntime": "onnxruntime"}
+from .drivers import runtime_status
 
 
 def _os_release() -> dict[str, str]:
@@ -24,45 +32,81 @@ def cpu_model() -> str:
         for line in cpuinfo.read_text(errors="replace").splitlines():
             if line.lower().startswith(("model name", "hardware", "cpu model")):
                 return line.split(":", 1)[1].strip()
+    if platform.system() == "Darwin":
+        try:
+            return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
+                                  timeout=5).stdout.strip() or platform.machine()
+        except OSError:
+            pass
     return platform.processor() or platform.machine()
 
 
-def _ram_bytes() -> int:
+def ram_bytes() -> int:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return 0
 
 
-def _arch() -> str:
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def arch() -> str:
     machine = platform.machine().lower()
-    return {"aarch64": "arm64", "amd64": "x86_64"}.get(machine, machine)
+    return {"aarch64": "arm64", "amd64": "x86_64", "armv7l": "arm"}.get(machine, machine)
 
 
-def runtimes() -> dict[str, str]:
-    """Installed runtimes this agent can drive, name -> version."""
+_PCI_VENDORS = {"0x10de": "nvidia", "0x1002": "amd", "0x8086": "intel", "0x13b5": "arm-mali", "0x5143": "qualcomm"}
+
+
+def accelerators() -> dict[str, str]:
+    """accelerator:<kind> -> vendor/model, from what the OS exposes (no vendor SDK needed)."""
     found = {}
-    for name, package in RUNTIME_PACKAGES.items():
-        try:
-            found[name] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            continue
+    if platform.system() == "Darwin" and arch() == "arm64":
+        found["accelerator:gpu"] = "apple"              # every Apple silicon Mac has the GPU and the ANE
+        found["accelerator:ane"] = "apple"
+    nvidia = Path("/proc/driver/nvidia/gpus")
+    if nvidia.is_dir():
+        for info in sorted(nvidia.glob("*/information")):
+            for line in info.read_text(errors="replace").splitlines():
+                if line.startswith("Model:"):
+                    found["accelerator:gpu"] = line.split(":", 1)[1].strip()
+                    break
+    if "accelerator:gpu" not in found:
+        for vendor in sorted(Path("/sys/class/drm").glob("renderD*/device/vendor")):
+            name = _PCI_VENDORS.get(vendor.read_text().strip())
+            if name:
+                found["accelerator:gpu"] = name
+                break
+    accel = Path("/dev/accel")
+    if accel.is_dir() and any(accel.iterdir()):           # the Linux accel subsystem: NPUs (Intel, AMD, ...)
+        found["accelerator:npu"] = ",".join(sorted(p.name for p in accel.iterdir()))
     return found
 
 
-def detect(labels: dict[str, str] | None = None) -> dict[str, str]:
+def detect(labels: dict[str, str] | None = None, offer: set[str] | None = None
+           ) -> tuple[dict[str, str], dict[str, str]]:
+    """(attributes, unavailable runtimes name -> why). `offer` narrows the runtimes to those named."""
     release = _os_release()
+    system = platform.system().lower()
     attributes = {
-        "os": platform.system().lower(),
-        "os_version": release.get("VERSION_ID", platform.release()),
+        "os": "macos" if system == "darwin" else system,
+        "os_version": platform.mac_ver()[0] if system == "darwin" else release.get("VERSION_ID", platform.release()),
         "os_name": release.get("PRETTY_NAME", platform.platform()),
         "kernel": platform.release(),
-        "arch": _arch(),
+        "arch": arch(),
         "cpu": cpu_model(),
-        "cores": str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()),
-        "ram_bytes": str(_ram_bytes()),
+        "cores": str(cores()),
+        "ram_bytes": str(ram_bytes()),
         "python": platform.python_version(),
     }
-    attributes.update({f"runtime:{name}": version for name, version in runtimes().items()})
+    attributes.update(accelerators())
+    available, unavailable = runtime_status()
+    for name, version in available.items():
+        if offer is None or name in offer:
+            attributes[f"runtime:{name}"] = version
+        else:
+            unavailable[name] = "installed, but this agent was started without it (--runtimes)"
     attributes.update(labels or {})
-    return attributes
+    return attributes, unavailable

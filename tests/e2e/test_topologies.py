@@ -59,7 +59,8 @@ def write_spec(path: Path, model: Path, assets: Path, **overrides) -> Path:
            "constraints": {"max_quality_loss_pct": 40},
            "candidates": [{"format": "gguf", "quantization": {"method": "rtn", "type": "q4_0"}},
                           {"format": "onnx", "quantization": {"method": "rtn", "bits": 8, "granularity": "per_channel"}}],
-           "benchmark": {"prompt_tokens": 32, "generation_tokens": 8, "warmup_runs": 1, "timed_runs": 3}}
+           "benchmark": {"prompt_tokens": 32, "generation_tokens": 8, "warmup_runs": 1, "timed_runs": 3,
+                         "min_duration_ms": 0, "cooldown_ms": 0, "skip_throughput": True}}
     raw.update(overrides)
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -121,8 +122,11 @@ def test_every_service_in_its_own_process(tmp_path, assets, tiny_model_dir):
     coordinator, address = start(["services.coordinator.server", "--port", str(coordinator_port), "--data-dir",
                                   str(tmp_path / "data"), *[f"--{k}={v}" for k, v in addresses.items()]],
                                  tmp_path / "coordinator.log")
+    token = subprocess.run([sys.executable, "-m", "clients.cli.main", "tokens", "create", "--data-dir",
+                            str(tmp_path / "data"), "--name", "standalone agent"], env=ENV, capture_output=True,
+                           text=True, check=True).stdout.strip()
     agent = subprocess.Popen([sys.executable, "-m", "clients.agent.main", "--coordinator", address, "--cache-dir",
-                              str(tmp_path / "agent"), "--label", "device=standalone"], env=ENV,
+                              str(tmp_path / "agent"), "--label", "device=standalone", "--token", token], env=ENV,
                              stderr=open(tmp_path / "agent.log", "w"))
     client = Client(address)
     try:

@@ -11,7 +11,7 @@ import grpc
 import pytest
 from status_checks import reason, rpc_code
 
-from clients.agent.main import Agent
+from clients.agent.main import Agent, AgentConfig
 from clients.python import spec as spec_file
 from clients.python.client import build_name
 from edgeforge.v1 import agent_pb2, common_pb2, coordinator_pb2
@@ -20,7 +20,8 @@ from google.longrunning import operations_proto_pb2 as operations_pb2
 
 @pytest.fixture
 def agent(coordinator, tmp_path):
-    worker = Agent(coordinator.address, tmp_path / "agent", 1 << 30, {"device": "test-host"}, cooldown_s=0.0)
+    worker = Agent(AgentConfig(coordinator.address, token=coordinator.agent_token, labels={"device": "test-host"},
+                               cache_dir=tmp_path / "agent", cache_max_bytes=1 << 30, lease_wait_ms=2000))
     thread = threading.Thread(target=worker.run_forever, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -41,7 +42,8 @@ def tiny_spec(tiny_model_dir, assets, **overrides) -> spec_file.SpecFile:
         "candidates": [{"format": "gguf", "quantization": {"type": "q4_0"}},
                        {"format": "gguf", "quantization": {"method": "none", "type": "f16"}},
                        {"format": "onnx", "quantization": {"bits": 8, "granularity": "per_channel"}}],
-        "benchmark": {"prompt_tokens": 8, "generation_tokens": 4, "warmup_runs": 1, "timed_runs": 2},
+        "benchmark": {"prompt_tokens": 8, "generation_tokens": 4, "warmup_runs": 1, "timed_runs": 2,
+                      "min_duration_ms": 0, "cooldown_ms": 0, "skip_throughput": True},
     }
     raw.update(overrides)
     return spec_file.parse(raw, tiny_model_dir.parent)
@@ -155,24 +157,61 @@ def test_request_id_reuse_with_another_body_is_refused(coordinator, agent, tiny_
 
 
 def test_agent_gateway_bad_input(coordinator):
-    agents = coordinator.agents
+    agents, md = coordinator.agents, coordinator.agent_metadata
     cases = [
-        (lambda: agents.RegisterAgent(agent_pb2.RegisterAgentRequest(device_id="Bad Id!")), "INVALID_ARGUMENT"),
-        (lambda: agents.Heartbeat(agent_pb2.HeartbeatRequest(device="devices/ghost")), "NOT_FOUND"),
-        (lambda: agents.LeaseJob(agent_pb2.LeaseJobRequest(device="devices/ghost", wait_ms=0)), "NOT_FOUND"),
-        (lambda: agents.LeaseJob(agent_pb2.LeaseJobRequest(device="devices/x", wait_ms=10 ** 6)), "INVALID_ARGUMENT"),
-        (lambda: agents.ReportResult(agent_pb2.ReportResultRequest(lease="leases/none")), "INVALID_ARGUMENT"),
+        (lambda: agents.RegisterAgent(agent_pb2.RegisterAgentRequest(device_id="Bad Id!"), metadata=md),
+         "INVALID_ARGUMENT"),
+        (lambda: agents.RegisterAgent(agent_pb2.RegisterAgentRequest(device_id="ok-2", slots=65), metadata=md),
+         "INVALID_ARGUMENT"),
+        (lambda: agents.Heartbeat(agent_pb2.HeartbeatRequest(device="devices/ghost"), metadata=md), "NOT_FOUND"),
+        (lambda: agents.LeaseJob(agent_pb2.LeaseJobRequest(device="devices/ghost", wait_ms=0), metadata=md),
+         "NOT_FOUND"),
+        (lambda: agents.LeaseJob(agent_pb2.LeaseJobRequest(device="devices/x", wait_ms=10 ** 6), metadata=md),
+         "INVALID_ARGUMENT"),
+        (lambda: agents.ReportResult(agent_pb2.ReportResultRequest(lease="leases/none"), metadata=md),
+         "INVALID_ARGUMENT"),
         (lambda: agents.ReportResult(agent_pb2.ReportResultRequest(
-            lease="leases/none", error={"code": 2, "message": "x"})), "NOT_FOUND"),
-        (lambda: list(agents.FetchArtifact(agent_pb2.FetchArtifactRequest(lease="leases/none"))), "NOT_FOUND"),
+            lease="leases/none", error={"code": 2, "message": "x"}), metadata=md), "NOT_FOUND"),
+        (lambda: list(agents.FetchArtifact(agent_pb2.FetchArtifactRequest(lease="leases/none"), metadata=md)),
+         "NOT_FOUND"),
     ]
     for call, code in cases:
         with pytest.raises(grpc.RpcError) as error:
             call()
         assert rpc_code(error) == code, error.value.details()
-    device = agents.RegisterAgent(agent_pb2.RegisterAgentRequest(device_id="ok-1", attributes={"os": "linux"}))
+    device = agents.RegisterAgent(agent_pb2.RegisterAgentRequest(device_id="ok-1", attributes={"os": "linux"}),
+                                  metadata=md)
     assert device.name == "devices/ok-1" and device.state == coordinator_pb2.DEVICE_STATE_ONLINE
-    assert agents.LeaseJob(agent_pb2.LeaseJobRequest(device="devices/ok-1", wait_ms=0)).HasField("lease") is False
+    assert device.slots == 1
+    assert agents.LeaseJob(agent_pb2.LeaseJobRequest(device="devices/ok-1", wait_ms=0),
+                           metadata=md).HasField("lease") is False
+
+
+def test_agent_gateway_refuses_missing_unknown_revoked_and_wrong_role_tokens(coordinator):
+    """Every AgentGateway call needs a live agent token; revoking one refuses its very next call."""
+    agents, tokens = coordinator.agents, coordinator.ctx.tokens
+    register = agent_pb2.RegisterAgentRequest(device_id="tok-1", attributes={"os": "linux"})
+    token, secret = tokens.create("agent", "soon revoked")
+    _, builder = tokens.create("builder", "a build pipeline")
+    cases = [((), "UNAUTHENTICATED", "INVALID_TOKEN", "needs the metadata"),
+             ((("authorization", "Basic abc"),), "UNAUTHENTICATED", "INVALID_TOKEN", "Bearer"),
+             ((("authorization", "Bearer ef_" + "x" * 43),), "UNAUTHENTICATED", "INVALID_TOKEN", "unknown"),
+             ((("authorization", f"Bearer {builder}"),), "PERMISSION_DENIED", "WRONG_ROLE", "builder")]
+    for metadata, code, why, words in cases:
+        for call in (lambda: agents.RegisterAgent(register, metadata=metadata),
+                     lambda: list(agents.FetchArtifact(agent_pb2.FetchArtifactRequest(lease="leases/x"),
+                                                       metadata=metadata))):
+            with pytest.raises(grpc.RpcError) as error:
+                call()
+            assert (rpc_code(error), reason(error)) == (code, why) and words in error.value.details()
+    live = (("authorization", f"Bearer {secret}"),)
+    assert agents.RegisterAgent(register, metadata=live).name == "devices/tok-1"
+    tokens.revoke(token.id)
+    with pytest.raises(grpc.RpcError) as error:
+        agents.Heartbeat(agent_pb2.HeartbeatRequest(device="devices/tok-1"), metadata=live)
+    assert rpc_code(error) == "UNAUTHENTICATED" and "revoked" in error.value.details()
+    assert not coordinator.ctx.state.db.query("SELECT * FROM tokens WHERE sha256 = ?", (secret,))   # only hashes
+    assert coordinator.list_devices()                                            # the server still serves
 
 
 def test_calibrated_methods_build_end_to_end(coordinator, agent, tiny_model_dir, assets):
