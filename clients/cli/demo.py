@@ -1,16 +1,21 @@
-"""`make demo`: the main job, end to end on this machine.
+"""`make demo`: the main job, end to end on this machine, for three device classes.
 
-Starts edgeforge (`edgeforge up`: four services on one port, SQLite + a local blob directory, and
-a local agent), submits docs/examples/smollm2-laptop.yaml — the real SmolLM2-135M-Instruct,
-calibrated on Wikipedia text, five candidates (GGUF F16/Q8_0/Q4_0, ONNX fp32/int8) — follows its
-progress, prints the per-candidate table and the chosen artifact, writes report.json and
-report.html into the output directory, and shuts everything down.
+Starts edgeforge (`edgeforge up --no-agent`: four services on one port, SQLite + a local blob
+directory), creates an agent token, and starts three agents that emulate three devices on this
+machine — a two-core laptop (`taskset -c 0,1`), a one-core phone-class device (`taskset -c 0`), and
+a board that only has onnxruntime (`--runtimes onnxruntime`). They share a host lock, so only one
+measures at a time and none steals another's cores. Then it submits docs/examples/smollm2-fleet.yaml —
+the real SmolLM2-135M-Instruct, calibrated on Wikipedia text, five candidates (GGUF F16/Q8_0/Q4_0,
+ONNX fp32/int8) — follows its progress, prints each target's table and chosen artifact with the
+reasons, writes report.json and report.html into the output directory, and shuts everything down.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -21,12 +26,15 @@ from clients.python import spec as spec_file
 from clients.python.client import Client, build_name
 from edgeforge.v1 import coordinator_pb2
 
-SPEC = Path(__file__).resolve().parents[2] / "docs" / "examples" / "smollm2-laptop.yaml"
+SPEC = Path(__file__).resolve().parents[2] / "docs" / "examples" / "smollm2-fleet.yaml"
+# name -> (CPUs to pin to, extra agent flags): the three emulated devices.
+DEVICES = {"laptop-2core": ("0,1", ()), "phone-class-1core": ("0", ()),
+           "onnx-only": ("1", ("--runtimes", "onnxruntime"))}
 
 
 def start_edgeforge(data_dir: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
     log = open(log_path, "w")
-    process = subprocess.Popen([sys.executable, "-m", "clients.cli.main", "up", "--port", "0",
+    process = subprocess.Popen([sys.executable, "-m", "clients.cli.main", "up", "--port", "0", "--no-agent",
                                 "--data-dir", str(data_dir)], stdout=subprocess.PIPE, stderr=log, text=True)
     line = process.stdout.readline()
     match = re.search(r"listening on (\S+)", line)
@@ -34,6 +42,26 @@ def start_edgeforge(data_dir: Path, log_path: Path) -> tuple[subprocess.Popen, s
         process.kill()
         raise SystemExit(f"edgeforge up did not start: {line!r}; see {log_path}")
     return process, match.group(1)
+
+
+def start_agents(address: str, data_dir: Path, out: Path) -> list[subprocess.Popen]:
+    token = subprocess.run([sys.executable, "-m", "clients.cli.main", "tokens", "create", "--data-dir", str(data_dir),
+                            "--name", "demo agents"], capture_output=True, text=True, check=True).stdout.strip()
+    cpus = len(os.sched_getaffinity(0))
+    pin = shutil.which("taskset") is not None and cpus >= 2
+    if not pin:
+        print(f"note: {'taskset is missing' if cpus >= 2 else f'only {cpus} CPU'}: the devices are not pinned "
+              "to cores, so laptop and phone-class measure alike")
+    agents = []
+    for name, (cores, flags) in DEVICES.items():
+        command = [sys.executable, "-m", "clients.agent.main", "--coordinator", address, "--token", token,
+                   "--device-id", name, "--label", f"device={name}", "--cache-dir", str(out / "agents" / name),
+                   "--host-lock", str(out / "agents" / "host.lock"), *flags]
+        if pin:
+            command = ["taskset", "-c", cores, *command]
+        agents.append(subprocess.Popen(command, stderr=open(out / f"agent-{name}.log", "w"),
+                                       env={**os.environ, "PYTHONUNBUFFERED": "1"}))
+    return agents
 
 
 def main() -> None:
@@ -45,19 +73,24 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     parsed = spec_file.load(args.spec)
     started = time.monotonic()
-    process, address = start_edgeforge(args.out / "edgeforge-data", args.out / "edgeforge.log")
-    print(f"edgeforge is up on {address} (logs: {args.out / 'edgeforge.log'})")
+    data_dir = args.out / "edgeforge-data"
+    process, address = start_edgeforge(data_dir, args.out / "edgeforge.log")
+    print(f"edgeforge is up on {address} (logs: {args.out})")
+    agents = start_agents(address, data_dir, args.out)
     client = Client(address)
     try:
-        deadline = time.monotonic() + 60
-        while not client.list_devices() and time.monotonic() < deadline:
+        deadline = time.monotonic() + 90
+        while len(client.list_devices()) < len(DEVICES) and time.monotonic() < deadline:
             time.sleep(0.5)
         for device in client.list_devices():
-            print(f"agent registered: {device.name} ({device.attributes['cpu']}, {device.attributes['cores']} cores)")
+            a = device.attributes
+            runtimes = ", ".join(f"{k.removeprefix('runtime:')} {v}" for k, v in sorted(a.items())
+                                 if k.startswith("runtime:"))
+            print(f"agent registered: {device.name} ({a['cpu']}, {a['cores']} cores; {runtimes})")
         bar = progress.Bar(sys.stdout)
         operation = client.create_build(parsed, on_upload=progress.upload_progress(bar))
         name = build_name(operation.name)
-        print(f"build {name} started ({len(parsed.spec.candidates)} candidates)")
+        print(f"build {name} started ({len(parsed.spec.candidates)} candidates × {len(parsed.spec.targets)} targets)")
         client.wait(operation.name, progress.build_progress(bar))
         bar.done()
         build = client.get_build(name)
@@ -71,13 +104,24 @@ def main() -> None:
         for device in report["devices"]:
             chosen = next((c for c in device["candidates"] if c["id"] == device["chosen"]), None)
             if chosen:
-                print(f"\nchosen for {device['device']}: {chosen['id']} — artifacts/{chosen['artifact']} "
-                      f"({chosen['size_bytes'] / 1e6:.1f} MB, perplexity {chosen['quality']['value']:.3f}, "
-                      f"p90 {chosen['latency_ms']['p90']:.1f} ms)")
+                print(f"\nchosen for {device['target']} ({device['device']}): {chosen['id']} — "
+                      f"artifacts/{chosen['artifact']} ({chosen['size_bytes'] / 1e6:.1f} MB, perplexity "
+                      f"{chosen['quality']['value']:.3f}, p90 {chosen['latency_ms']['p90']:.1f} ms, peak "
+                      f"{chosen['peak_rss_bytes'] / 1e6:.0f} MB)")
+                for other in device["candidates"]:
+                    if other["id"] != chosen["id"]:
+                        print(f"  not {other['id']}: {other['rejected_by']}")
+            else:
+                print(f"\nnothing met the constraints on {device['target']}; nearest misses: "
+                      + "; ".join(device.get("nearest_misses") or ["none measured"]))
         print(f"\nwrote {args.out / 'report.json'} and {args.out / 'report.html'} "
               f"in {time.monotonic() - started:.0f} s")
     finally:
         client.close()
+        for agent in agents:
+            agent.terminate()
+        for agent in agents:
+            agent.wait(timeout=60)
         process.terminate()
         process.wait(timeout=60)
 
