@@ -366,12 +366,16 @@ class Agent:
         """Registers each phone adb reports, one device per serial; stops driving phones that vanish."""
         from .adb import Adb
         adb = Adb(self.config.adb, tools_dir=self.config.adb_tools)
+        seen: set[str] | None = None
         while not self.stopping.is_set():
             try:
                 phones = {phone.serial: phone for phone in adb.devices()}
             except (OSError, RuntimeError, subprocess.SubprocessError) as error:
                 log.warning("adb failed: %s", error)
                 phones = {}
+            if set(phones) != seen:
+                log.info("adb: %d phone(s) ready%s", len(phones), f": {', '.join(sorted(phones))}" if phones else "")
+                seen = set(phones)
             prefix = f"{self.host_id[:30]}-"
             for serial in phones:
                 device_id = prefix + re.sub(r"[^a-z0-9]+", "-", serial.lower()).strip("-")[:32]
@@ -382,9 +386,9 @@ class Agent:
                 if self.config.runtimes is not None:
                     for key in available - {f"runtime:{r}" for r in self.config.runtimes}:
                         del attributes[key]
-                worker = DeviceWorker(self, device_id, attributes, {},
-                                      lambda fmt, path, config, cancelled, s=serial: adb.measure(s, fmt, path, config),
-                                      slots=1)
+                def measure(fmt, path, config, cancelled, serial=serial):
+                    return adb.measure(serial, fmt, path, config, cancelled=cancelled)
+                worker = DeviceWorker(self, device_id, attributes, {}, measure, slots=1)
                 threading.Thread(target=self.add, args=(worker,), daemon=True).start()
             for device_id, worker in list(self.workers.items()):
                 serial = worker.attributes.get("serial")

@@ -328,3 +328,29 @@ def test_a_duplicate_result_is_ignored_and_tokens_are_checked(coordinator, agent
         coordinator.agents.Heartbeat(agent_pb2.HeartbeatRequest(device="devices/revoked"),
                                      metadata=(("authorization", f"Bearer {secret}"),))
     assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_an_adb_host_without_phones_registers_none_and_keeps_serving(coordinator, agents):
+    """The real Debian adb with no phone attached: the agent reports no devices, cleanly, and keeps
+    watching (a phone plugged in later would register)."""
+    import shutil
+    if shutil.which("adb") is None:
+        pytest.skip("Debian's adb is not installed (make setup installs it)")
+    port = 15037 + os.getpid() % 1000                 # its own adb server, never a developer's on 5037
+    env_port = {"ANDROID_ADB_SERVER_PORT": str(port)}
+    process = subprocess.Popen([sys.executable, "-m", "clients.agent.main", "--coordinator", coordinator.address,
+                                "--token", coordinator.agent_token, "--cache-dir", str(agents.tmp_path / "adb-host"),
+                                "--drivers", "adb"], env={**ENV, **env_port},
+                               stderr=open(agents.log_path("adb-host"), "w"), start_new_session=True)
+    agents.processes["adb-host"] = process
+    try:
+        deadline = time.monotonic() + 60
+        while "adb: 0 phone(s) ready" not in agents.log("adb-host"):
+            assert process.poll() is None and time.monotonic() < deadline, agents.log("adb-host")
+            time.sleep(0.2)
+        time.sleep(1.0)
+        assert process.poll() is None
+        assert coordinator.list_devices() == []
+        assert "Traceback" not in agents.log("adb-host")
+    finally:
+        subprocess.run(["adb", "-P", str(port), "kill-server"], capture_output=True, timeout=30)
