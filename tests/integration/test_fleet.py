@@ -193,6 +193,44 @@ def test_an_agent_killed_mid_benchmark_has_its_job_finished_by_another(coordinat
     assert min(entry.measurement.latency.samples_ms) > 0
 
 
+def _measuring_children(session: int) -> list[int]:
+    """Pids of measurement processes in the agent's session (its process group's children)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+                if b"clients.agent.measure" in cmdline and os.getsid(int(entry.name)) == session:
+                    found.append(int(entry.name))
+            except (OSError, ProcessLookupError):
+                continue
+    return found
+
+
+def test_cancelling_a_build_cancels_its_lease_and_stops_the_measurement(coordinator, agents, tiny_model_dir,
+                                                                        assets):
+    process = agents.start("cancel")
+    operation = coordinator.create_build(spec(
+        tiny_model_dir, assets, [{"name": "cancel", "selector": {"device": "cancel"}}],
+        [{"format": "gguf", "quantization": {"method": "none", "type": "f16"}}],
+        benchmark={**QUICK, "min_duration_ms": 120_000}))
+    deadline = time.monotonic() + 300
+    while not _measuring_children(process.pid):
+        assert time.monotonic() < deadline, agents.log("cancel")
+        time.sleep(0.2)
+    coordinator.cancel(operation.name)
+    build = finish(coordinator, operation)
+    assert build.state == coordinator_pb2.BUILD_STATE_CANCELLED
+    deadline = time.monotonic() + 30
+    while _measuring_children(process.pid) or "abandoned" not in agents.log("cancel"):
+        assert time.monotonic() < deadline, agents.log("cancel")
+        time.sleep(0.2)
+    assert "was cancelled or lapsed; abandoning it" in agents.log("cancel")
+    (row,) = coordinator.ctx.state.jobs_of_build(build.name.removeprefix("builds/"))
+    assert row["state"] == "CANCELLED"
+    assert process.poll() is None                                   # the agent itself carries on
+
+
 class CuttingProxy:
     """A loopback TCP proxy that drops every connection once, after `cut_after` bytes flowed back to the
     client in total; later connections pass untouched."""
