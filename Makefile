@@ -10,7 +10,7 @@ PROTOS := $(wildcard proto/edgeforge/v1/*.proto)
 ASSETS := .edgeforge-assets
 PYTEST_ARGS ?=
 
-.PHONY: setup gen assets test test-fast demo bench clean agent-wheel system-deps test-arm
+.PHONY: setup gen assets test test-fast demo bench clean agent-wheel system-deps test-arm arm-rootfs clean-arm
 
 setup: system-deps $(VENV)/.deps gen.stamp $(ASSETS)/.done
 
@@ -60,6 +60,20 @@ demo: setup
 
 bench: setup
 	$(PY) bench/quantize_rtn.py
+
+# An emulated arm64 board (qemu-user chroot, docs/DEVICES.md): the agent wheel installed there benchmarks a
+# real build from a coordinator on this host's loopback. Needs root (debootstrap, mount, chroot);
+# 15-30 min the first time, 6-10 min once .edgeforge-arm/rootfs exists.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+test-arm: setup agent-wheel
+	$(SUDO) bash tests/arm/run.sh
+
+arm-rootfs: setup
+	$(SUDO) bash tests/arm/chroot.sh
+
+clean-arm:
+	$(SUDO) bash tests/arm/umount.sh
+	$(SUDO) rm -rf --one-file-system .edgeforge-arm
 
 clean:
 	rm -rf gen.stamp $(ASSETS) demo-out .pytest_cache
