@@ -3,8 +3,9 @@ downloads, least-recently-used eviction under a size cap.
 
 - A download streams FetchArtifact from the bytes already held (`<sha256>.part`), so a dropped
   connection costs only what was in flight: the next attempt resumes at the partial file's length.
-- A finished download is hashed before it is renamed into place; bytes that do not hash to the
-  lease's digest are deleted and the fetch fails (the agent never runs them).
+- A download is hashed as its bytes arrive (one pass) and checked before it is renamed into place;
+  bytes that do not hash to the lease's digest are deleted and the fetch fails (the agent never runs
+  them).
 - A cached file is hashed again before each use (a flipped bit on disk is caught, the file deleted
   and fetched again): hashing runs at ~1 GB/s, cheap next to loading a model into a runtime.
 - Before a download, least recently used files are deleted until the new one fits under the cap;
@@ -77,12 +78,20 @@ class ArtifactCache:
             return self._download(sha256, size_bytes, read)
 
     def _download(self, sha256: str, size_bytes: int, read: Reader) -> Path:
+        """Streams into `<sha256>.part`, hashing as the bytes arrive (one pass over the data: a resumed
+        download first hashes what the partial file already holds), then renames it into place."""
         part = self.root / f"{sha256}.part"
+        if part.exists() and part.stat().st_size > size_bytes:
+            part.unlink()
+        digest, hashed = hashlib.sha256(), 0
         for attempt in range(self.attempts):
             offset = part.stat().st_size if part.exists() else 0
-            if offset > size_bytes:
-                part.unlink()
-                offset = 0
+            if hashed != offset:                       # a resume: hash the bytes kept from before
+                digest, hashed = hashlib.sha256(), 0
+                with open(part, "rb") as f:
+                    for block in iter(lambda: f.read(4 << 20), b""):
+                        digest.update(block)
+                        hashed += len(block)
             if attempt:
                 self.resumes += 1
                 log.info("resuming %s at byte %d (attempt %d)", sha256[:12], offset, attempt + 1)
@@ -96,6 +105,7 @@ class ArtifactCache:
                                 raise CacheError(f"the coordinator is sending {message.sha256}, not the leased "
                                                  f"{sha256}")
                             f.write(message.data)
+                            digest.update(message.data)
                             offset += len(message.data)
                 break
             except grpc.RpcError as error:
@@ -103,9 +113,13 @@ class ArtifactCache:
                     raise
                 log.warning("download of %s broke at byte %d: %s", sha256[:12], offset, error.details())
                 time.sleep(min(self.backoff_s * 2 ** attempt, 10.0))
+            finally:
+                hashed = offset
+        else:
+            raise CacheError(f"the download of {sha256} did not complete in {self.attempts} attempts")
         part.touch()
-        actual = sha256_file(part)
-        if actual != sha256 or part.stat().st_size != size_bytes:
+        actual = digest.hexdigest()
+        if actual != sha256 or part.stat().st_size != size_bytes or hashed != size_bytes:
             part.unlink()
             raise CacheError(f"downloaded bytes hash to {actual}, not the leased {sha256}; discarded")
         path = self.path(sha256)

@@ -35,6 +35,7 @@ class Scheduler:
         self.state, self.db = state, state.db
         self.lease_ttl_s, self.max_attempts = lease_ttl_s, max_attempts
         self._wakeup = threading.Condition()
+        self._enqueued = 0                      # bumped by every enqueue, so a waiter never misses one
 
     def enqueue(self, build_id: str, candidate_id: str, device_id: str, job: agent_pb2.BenchmarkJob, *,
                 selector: dict[str, str] | None = None, priority: int = 0) -> str:
@@ -42,6 +43,7 @@ class Scheduler:
         job_id = self.state.add_job(build_id, candidate_id, device_id, job, target=job.target,
                                     selector=selector, priority=priority)
         with self._wakeup:
+            self._enqueued += 1
             self._wakeup.notify_all()
         return job_id
 
@@ -83,6 +85,8 @@ class Scheduler:
         deadline = time.monotonic() + wait_s
         while True:
             now = time.time()
+            with self._wakeup:
+                seen = self._enqueued
             with self.db.transaction() as conn:
                 self._expire(conn, now)
                 held = conn.execute("SELECT * FROM leases WHERE device_id = ? AND state = ? ORDER BY expire_time",
@@ -106,8 +110,9 @@ class Scheduler:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
-            with self._wakeup:
-                self._wakeup.wait(min(remaining, 1.0))
+            with self._wakeup:                  # an enqueue since `seen` was read: look again at once
+                if self._enqueued == seen:
+                    self._wakeup.wait(min(remaining, 1.0))
 
     def heartbeat(self, device_id: str, lease_names: list[str]) -> list[str]:
         """Extends the device's named leases; returns those it must abandon."""
