@@ -159,8 +159,12 @@ class Unpacked:
             return self.path
         self.scratch.mkdir(parents=True, exist_ok=True)
         self._dir = Path(tempfile.mkdtemp(prefix=f"{self.path.name[:12]}-", dir=self.scratch))
-        with tarfile.open(self.path) as archive:
-            archive.extractall(self._dir, filter="data")
+        try:
+            with tarfile.open(self.path) as archive:
+                archive.extractall(self._dir, filter="data")
+        except (tarfile.TarError, OSError) as error:        # FilterError: a member would escape
+            shutil.rmtree(self._dir, ignore_errors=True)
+            raise CacheError(f"the artifact is a malformed or unsafe tar, not run: {error}") from error
         entries = list(self._dir.iterdir())
         return entries[0] if len(entries) == 1 and entries[0].is_dir() else self._dir
 

@@ -240,6 +240,10 @@ class DeviceWorker:
             message = error.details() if isinstance(error, grpc.RpcError) else str(error)
             log.warning("%s failed: %s", lease.name, message)
             request.error.CopyFrom(status_pb2.Status(code=9, message=message))
+        except Exception as error:          # a bug: report it (INTERNAL) and keep this slot serving
+            log.exception("%s: internal agent error", lease.name)
+            request.error.CopyFrom(status_pb2.Status(code=13, message=f"internal agent error: "
+                                                                      f"{type(error).__name__}: {error}"))
         finally:
             with self._lock:
                 self.leases.pop(lease.name, None)
