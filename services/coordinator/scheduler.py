@@ -21,7 +21,7 @@ import uuid
 from google.protobuf import timestamp_pb2
 from google.rpc import status_pb2
 
-from edgeforge.v1 import agent_pb2, common_pb2
+from edgeforge.v1 import agent_pb2, common_pb2, coordinator_pb2
 from services.coordinator import selectors
 from services.coordinator.state import CANCELLED, FAILED, LEASED, QUEUED, SUCCEEDED, CoordinatorState
 from shared.errors import FailedPrecondition, NotFound
@@ -48,7 +48,7 @@ class Scheduler:
         return job_id
 
     @staticmethod
-    def may_run(device: "coordinator_pb2.Device", row, job: agent_pb2.BenchmarkJob | None = None) -> bool:
+    def may_run(device: coordinator_pb2.Device, row, job: agent_pb2.BenchmarkJob | None = None) -> bool:
         """Whether `device` may lease the queued job `row`: its own, or its pool's with the runtime."""
         if row["device_id"]:
             if row["device_id"] != device.name.removeprefix("devices/"):
