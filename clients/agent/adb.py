@@ -27,10 +27,9 @@ import shlex
 import shutil
 import subprocess
 import threading
-import time
 from pathlib import Path
 
-from . import parsers
+from . import parsers, process
 from .cache import sha256_file
 from .drivers import CAUSAL_LM
 from .measure import Config
@@ -212,23 +211,14 @@ class Adb:
         """adb [-P port] [-s SERIAL] ARGS; text out. Polls `cancelled` so a cancelled lease stops at once."""
         command = [self.path, *self.server, *(["-s", serial] if serial else []), *args]
         limit = timeout_s or self.timeout_s
-        child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 text=True, errors="replace")
-        started = time.monotonic()
-        while True:
-            try:
-                stdout, stderr = child.communicate(timeout=0.2)
-                break
-            except subprocess.TimeoutExpired:
-                if (cancelled is not None and cancelled.is_set()) or time.monotonic() - started > limit:
-                    child.kill()
-                    child.communicate()
-                    why = "cancelled" if cancelled is not None and cancelled.is_set() else f"timed out after {limit:.0f} s"
-                    raise AdbError(f"`{shlex.join(command[1:])}` {why}") from None
+        try:
+            child = process.run(command, timeout_s=limit, cancelled=cancelled, text=True)
+        except process.Interrupted as why:
+            raise AdbError(f"`{shlex.join(command[1:])}` {why}") from None
         if check and child.returncode != 0:
-            tail = " | ".join((stderr.strip() or stdout.strip()).splitlines()[-3:])
+            tail = " | ".join((child.stderr.strip() or child.stdout.strip()).splitlines()[-3:])
             raise AdbError(f"`{shlex.join(command[1:])}` failed (exit {child.returncode}): {tail}")
-        return subprocess.CompletedProcess(command, child.returncode, stdout, stderr)
+        return child
 
     def shell(self, serial: str, command: str, **kwargs) -> subprocess.CompletedProcess:
         """One command line on the phone's shell. adb ≥ 1.0.36 with Android ≥ 7 returns its exit status."""

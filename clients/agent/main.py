@@ -36,7 +36,7 @@ import grpc
 from google.protobuf import json_format
 from google.rpc import status_pb2
 
-from . import __version__, profile
+from . import __version__, process, profile
 from .cache import ArtifactCache, CacheError, Unpacked
 from .config import AgentConfig, config_from, parser
 from .drivers import FORMAT_RUNTIME
@@ -94,18 +94,12 @@ def stable_id(cache_dir: Path) -> str:
 # ---------------------------------------------------------------------- measuring
 def run_local(export_format: str, path: Path, config: dict, cancelled: threading.Event, timeout_s: float) -> dict:
     """Runs the measurement protocol in a child process (its peak RSS is the runtime's alone)."""
-    child = subprocess.Popen([sys.executable, "-m", f"{__package__}.measure", export_format, str(path),
-                              json.dumps(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    started = time.monotonic()
-    while True:
-        try:
-            stdout, stderr = child.communicate(timeout=0.2)
-            break
-        except subprocess.TimeoutExpired:
-            if cancelled.is_set() or time.monotonic() - started > timeout_s:
-                child.kill()
-                child.communicate()
-                raise Failed("cancelled" if cancelled.is_set() else f"measurement exceeded {timeout_s:.0f} s")
+    try:
+        child = process.run([sys.executable, "-m", f"{__package__}.measure", export_format, str(path),
+                             json.dumps(config)], timeout_s=timeout_s, cancelled=cancelled)
+    except process.Interrupted as why:
+        raise Failed(f"measurement {why}") from None
+    stdout, stderr = child.stdout, child.stderr
     if child.returncode != 0:
         tail = stderr.decode(errors="replace").strip().splitlines()[-3:]
         raise Failed(f"{FORMAT_RUNTIME[export_format]} failed (exit {child.returncode}): {' | '.join(tail)}")

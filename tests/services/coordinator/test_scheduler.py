@@ -349,7 +349,6 @@ def test_a_lapsed_pool_job_completes_on_another_device(scheduler, state):
 
 
 def test_exhausted_attempts_fail_with_their_reason(state):
-    from shared.grpc_status import to_status_proto  # noqa: F401 (the status carries ErrorInfo)
     from google.rpc import error_details_pb2
     scheduler = Scheduler(state, lease_ttl_s=30.0, max_attempts=1)
     _register(state, "a", os="linux")
