@@ -27,6 +27,8 @@ class ModelTask(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     MODEL_TASK_UNSPECIFIED: _ClassVar[ModelTask]
     MODEL_TASK_CAUSAL_LM: _ClassVar[ModelTask]
+    MODEL_TASK_IMAGE_CLASSIFICATION: _ClassVar[ModelTask]
+    MODEL_TASK_TEXT_EMBEDDING: _ClassVar[ModelTask]
 
 class ExportFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -97,6 +99,26 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     WRONG_ROLE: _ClassVar[ErrorReason]
     RUNTIME_UNAVAILABLE: _ClassVar[ErrorReason]
     ATTEMPTS_EXHAUSTED: _ClassVar[ErrorReason]
+
+class PruneMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PRUNE_METHOD_UNSPECIFIED: _ClassVar[PruneMethod]
+    PRUNE_METHOD_MAGNITUDE: _ClassVar[PruneMethod]
+    PRUNE_METHOD_WANDA: _ClassVar[PruneMethod]
+    PRUNE_METHOD_SPARSEGPT: _ClassVar[PruneMethod]
+    PRUNE_METHOD_STRUCTURED: _ClassVar[PruneMethod]
+
+class PruneScope(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PRUNE_SCOPE_UNSPECIFIED: _ClassVar[PruneScope]
+    PRUNE_SCOPE_PER_LAYER: _ClassVar[PruneScope]
+    PRUNE_SCOPE_GLOBAL: _ClassVar[PruneScope]
+
+class StructuredUnit(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STRUCTURED_UNIT_UNSPECIFIED: _ClassVar[StructuredUnit]
+    STRUCTURED_UNIT_NEURONS: _ClassVar[StructuredUnit]
+    STRUCTURED_UNIT_HEADS: _ClassVar[StructuredUnit]
 ARTIFACT_KIND_UNSPECIFIED: ArtifactKind
 ARTIFACT_KIND_SOURCE_MODEL: ArtifactKind
 ARTIFACT_KIND_MODEL: ArtifactKind
@@ -107,6 +129,8 @@ ARTIFACT_KIND_EXPORTED_MODEL: ArtifactKind
 ARTIFACT_KIND_REPORT: ArtifactKind
 MODEL_TASK_UNSPECIFIED: ModelTask
 MODEL_TASK_CAUSAL_LM: ModelTask
+MODEL_TASK_IMAGE_CLASSIFICATION: ModelTask
+MODEL_TASK_TEXT_EMBEDDING: ModelTask
 EXPORT_FORMAT_UNSPECIFIED: ExportFormat
 EXPORT_FORMAT_GGUF: ExportFormat
 EXPORT_FORMAT_ONNX: ExportFormat
@@ -156,6 +180,17 @@ INVALID_TOKEN: ErrorReason
 WRONG_ROLE: ErrorReason
 RUNTIME_UNAVAILABLE: ErrorReason
 ATTEMPTS_EXHAUSTED: ErrorReason
+PRUNE_METHOD_UNSPECIFIED: PruneMethod
+PRUNE_METHOD_MAGNITUDE: PruneMethod
+PRUNE_METHOD_WANDA: PruneMethod
+PRUNE_METHOD_SPARSEGPT: PruneMethod
+PRUNE_METHOD_STRUCTURED: PruneMethod
+PRUNE_SCOPE_UNSPECIFIED: PruneScope
+PRUNE_SCOPE_PER_LAYER: PruneScope
+PRUNE_SCOPE_GLOBAL: PruneScope
+STRUCTURED_UNIT_UNSPECIFIED: StructuredUnit
+STRUCTURED_UNIT_NEURONS: StructuredUnit
+STRUCTURED_UNIT_HEADS: StructuredUnit
 
 class Artifact(_message.Message):
     __slots__ = ("name", "kind", "sha256", "size_bytes", "media_type", "display_name", "create_time", "lineage", "labels")
@@ -290,18 +325,29 @@ class QuantizationConfig(_message.Message):
     def __init__(self, method: _Optional[_Union[QuantMethod, str]] = ..., gguf_type: _Optional[str] = ..., bits: _Optional[int] = ..., granularity: _Optional[_Union[Granularity, str]] = ..., group_size: _Optional[int] = ..., symmetric: _Optional[bool] = ..., scale: _Optional[_Union[ScaleSearch, str]] = ..., percentile: _Optional[float] = ..., gptq: _Optional[_Union[GptqOptions, _Mapping]] = ..., awq: _Optional[_Union[AwqOptions, _Mapping]] = ..., mixed_precision: _Optional[_Union[MixedPrecision, _Mapping]] = ...) -> None: ...
 
 class Quality(_message.Message):
-    __slots__ = ("metric", "value", "baseline", "delta_pct", "tokens")
+    __slots__ = ("metric", "value", "baseline", "delta_pct", "tokens", "higher_is_better", "metrics")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     METRIC_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     BASELINE_FIELD_NUMBER: _ClassVar[int]
     DELTA_PCT_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    HIGHER_IS_BETTER_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
     metric: str
     value: float
     baseline: float
     delta_pct: float
     tokens: int
-    def __init__(self, metric: _Optional[str] = ..., value: _Optional[float] = ..., baseline: _Optional[float] = ..., delta_pct: _Optional[float] = ..., tokens: _Optional[int] = ...) -> None: ...
+    higher_is_better: bool
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, metric: _Optional[str] = ..., value: _Optional[float] = ..., baseline: _Optional[float] = ..., delta_pct: _Optional[float] = ..., tokens: _Optional[int] = ..., higher_is_better: _Optional[bool] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class Validation(_message.Message):
     __slots__ = ("runtime", "max_abs_diff", "mean_abs_diff", "top1_agreement", "positions", "loaded")
@@ -429,3 +475,95 @@ class Measurement(_message.Message):
     cooldown_ms: float
     notes: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, latency: _Optional[_Union[LatencyStats, _Mapping]] = ..., prompt_tokens_per_s: _Optional[float] = ..., generation_tokens_per_s: _Optional[float] = ..., load_ms: _Optional[float] = ..., first_run_ms: _Optional[float] = ..., peak_rss_bytes: _Optional[int] = ..., threads: _Optional[int] = ..., runtime_versions: _Optional[_Mapping[str, str]] = ..., prompt_samples_ms: _Optional[_Iterable[float]] = ..., generation_samples_ms: _Optional[_Iterable[float]] = ..., throughput: _Optional[_Iterable[_Union[ThroughputResult, _Mapping]]] = ..., cv_pct: _Optional[float] = ..., attempts: _Optional[int] = ..., unstable: _Optional[bool] = ..., duration_ms: _Optional[float] = ..., warmup_runs: _Optional[int] = ..., driver: _Optional[str] = ..., runtime: _Optional[str] = ..., cooldown_ms: _Optional[float] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class TrainingConfig(_message.Message):
+    __slots__ = ("steps", "batch_size", "learning_rate", "seed")
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    steps: int
+    batch_size: int
+    learning_rate: float
+    seed: int
+    def __init__(self, steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class PruneConfig(_message.Message):
+    __slots__ = ("method", "sparsity", "scope", "n", "m", "unit", "schedule", "finetune")
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    SPARSITY_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    N_FIELD_NUMBER: _ClassVar[int]
+    M_FIELD_NUMBER: _ClassVar[int]
+    UNIT_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    FINETUNE_FIELD_NUMBER: _ClassVar[int]
+    method: PruneMethod
+    sparsity: float
+    scope: PruneScope
+    n: int
+    m: int
+    unit: StructuredUnit
+    schedule: _containers.RepeatedScalarFieldContainer[float]
+    finetune: TrainingConfig
+    def __init__(self, method: _Optional[_Union[PruneMethod, str]] = ..., sparsity: _Optional[float] = ..., scope: _Optional[_Union[PruneScope, str]] = ..., n: _Optional[int] = ..., m: _Optional[int] = ..., unit: _Optional[_Union[StructuredUnit, str]] = ..., schedule: _Optional[_Iterable[float]] = ..., finetune: _Optional[_Union[TrainingConfig, _Mapping]] = ...) -> None: ...
+
+class DistillConfig(_message.Message):
+    __slots__ = ("alpha", "temperature", "training")
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_FIELD_NUMBER: _ClassVar[int]
+    alpha: float
+    temperature: float
+    training: TrainingConfig
+    def __init__(self, alpha: _Optional[float] = ..., temperature: _Optional[float] = ..., training: _Optional[_Union[TrainingConfig, _Mapping]] = ...) -> None: ...
+
+class QatConfig(_message.Message):
+    __slots__ = ("quantization", "activations", "training")
+    QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_FIELD_NUMBER: _ClassVar[int]
+    quantization: QuantizationConfig
+    activations: bool
+    training: TrainingConfig
+    def __init__(self, quantization: _Optional[_Union[QuantizationConfig, _Mapping]] = ..., activations: _Optional[bool] = ..., training: _Optional[_Union[TrainingConfig, _Mapping]] = ...) -> None: ...
+
+class CompressionStep(_message.Message):
+    __slots__ = ("prune", "distill", "qat", "quantize")
+    PRUNE_FIELD_NUMBER: _ClassVar[int]
+    DISTILL_FIELD_NUMBER: _ClassVar[int]
+    QAT_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZE_FIELD_NUMBER: _ClassVar[int]
+    prune: PruneConfig
+    distill: DistillConfig
+    qat: QatConfig
+    quantize: QuantizationConfig
+    def __init__(self, prune: _Optional[_Union[PruneConfig, _Mapping]] = ..., distill: _Optional[_Union[DistillConfig, _Mapping]] = ..., qat: _Optional[_Union[QatConfig, _Mapping]] = ..., quantize: _Optional[_Union[QuantizationConfig, _Mapping]] = ...) -> None: ...
+
+class StepReport(_message.Message):
+    __slots__ = ("index", "kind", "description", "parameter_count", "nonzero_count", "sparsity", "dense_bytes", "stored_bytes", "storage", "quality", "seconds", "note")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    PARAMETER_COUNT_FIELD_NUMBER: _ClassVar[int]
+    NONZERO_COUNT_FIELD_NUMBER: _ClassVar[int]
+    SPARSITY_FIELD_NUMBER: _ClassVar[int]
+    DENSE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STORED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    kind: str
+    description: str
+    parameter_count: int
+    nonzero_count: int
+    sparsity: float
+    dense_bytes: int
+    stored_bytes: int
+    storage: str
+    quality: Quality
+    seconds: float
+    note: str
+    def __init__(self, index: _Optional[int] = ..., kind: _Optional[str] = ..., description: _Optional[str] = ..., parameter_count: _Optional[int] = ..., nonzero_count: _Optional[int] = ..., sparsity: _Optional[float] = ..., dense_bytes: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., storage: _Optional[str] = ..., quality: _Optional[_Union[Quality, _Mapping]] = ..., seconds: _Optional[float] = ..., note: _Optional[str] = ...) -> None: ...

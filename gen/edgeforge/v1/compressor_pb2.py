@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from edgeforge.v1 import common_pb2 as edgeforge_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x65\x64geforge/v1/compressor.proto\x12\x0c\x65\x64geforge.v1\x1a\x19\x65\x64geforge/v1/common.proto\"$\n\x12ImportModelRequest\x12\x0e\n\x06source\x18\x01 \x01(\t\"k\n\x13ImportModelResponse\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.edgeforge.v1.Artifact\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x17\n\x0fparameter_count\x18\x03 \x01(\x03\"\x87\x02\n\x0f\x43ompressRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x36\n\x0cquantization\x18\x02 \x01(\x0b\x32 .edgeforge.v1.QuantizationConfig\x12\x19\n\x11\x63\x61libration_stats\x18\x03 \x01(\t\x12\x33\n\tpre_steps\x18\x04 \x03(\x0b\x32 .edgeforge.v1.QuantizationConfig\x12\x1b\n\x13\x63\x61libration_dataset\x18\x05 \x01(\t\x12\x1b\n\x13\x63\x61libration_samples\x18\x06 \x01(\x05\x12#\n\x1b\x63\x61libration_sequence_length\x18\x07 \x01(\x05\"v\n\x0cTensorReport\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04grid\x18\x02 \x01(\t\x12\x0b\n\x03mse\x18\x03 \x01(\x01\x12\x0e\n\x06snr_db\x18\x04 \x01(\x01\x12\x17\n\x0f\x62its_per_weight\x18\x05 \x01(\x01\x12\x14\n\x0coutput_error\x18\x06 \x01(\x01\"\xbc\x01\n\x10\x43ompressResponse\x12*\n\ncompressed\x18\x01 \x01(\x0b\x32\x16.edgeforge.v1.Artifact\x12+\n\x07tensors\x18\x02 \x03(\x0b\x32\x1a.edgeforge.v1.TensorReport\x12\x15\n\rpayload_bytes\x18\x03 \x01(\x03\x12\x17\n\x0f\x62its_per_weight\x18\x04 \x01(\x01\x12\x0f\n\x07seconds\x18\x05 \x01(\x01\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t2\xab\x01\n\nCompressor\x12R\n\x0bImportModel\x12 .edgeforge.v1.ImportModelRequest\x1a!.edgeforge.v1.ImportModelResponse\x12I\n\x08\x43ompress\x12\x1d.edgeforge.v1.CompressRequest\x1a\x1e.edgeforge.v1.CompressResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x65\x64geforge/v1/compressor.proto\x12\x0c\x65\x64geforge.v1\x1a\x19\x65\x64geforge/v1/common.proto\"K\n\x12ImportModelRequest\x12\x0e\n\x06source\x18\x01 \x01(\t\x12%\n\x04task\x18\x02 \x01(\x0e\x32\x17.edgeforge.v1.ModelTask\"\x92\x01\n\x13ImportModelResponse\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.edgeforge.v1.Artifact\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x17\n\x0fparameter_count\x18\x03 \x01(\x03\x12%\n\x04task\x18\x04 \x01(\x0e\x32\x17.edgeforge.v1.ModelTask\"\x87\x02\n\x0f\x43ompressRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x36\n\x0cquantization\x18\x02 \x01(\x0b\x32 .edgeforge.v1.QuantizationConfig\x12\x19\n\x11\x63\x61libration_stats\x18\x03 \x01(\t\x12\x33\n\tpre_steps\x18\x04 \x03(\x0b\x32 .edgeforge.v1.QuantizationConfig\x12\x1b\n\x13\x63\x61libration_dataset\x18\x05 \x01(\t\x12\x1b\n\x13\x63\x61libration_samples\x18\x06 \x01(\x05\x12#\n\x1b\x63\x61libration_sequence_length\x18\x07 \x01(\x05\"v\n\x0cTensorReport\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04grid\x18\x02 \x01(\t\x12\x0b\n\x03mse\x18\x03 \x01(\x01\x12\x0e\n\x06snr_db\x18\x04 \x01(\x01\x12\x17\n\x0f\x62its_per_weight\x18\x05 \x01(\x01\x12\x14\n\x0coutput_error\x18\x06 \x01(\x01\"\xbc\x01\n\x10\x43ompressResponse\x12*\n\ncompressed\x18\x01 \x01(\x0b\x32\x16.edgeforge.v1.Artifact\x12+\n\x07tensors\x18\x02 \x03(\x0b\x32\x1a.edgeforge.v1.TensorReport\x12\x15\n\rpayload_bytes\x18\x03 \x01(\x03\x12\x17\n\x0f\x62its_per_weight\x18\x04 \x01(\x01\x12\x0f\n\x07seconds\x18\x05 \x01(\x01\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\"\xcc\x02\n\x10TransformRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12%\n\x04task\x18\x02 \x01(\x0e\x32\x17.edgeforge.v1.ModelTask\x12,\n\x05steps\x18\x03 \x03(\x0b\x32\x1d.edgeforge.v1.CompressionStep\x12\x1b\n\x13\x63\x61libration_dataset\x18\x04 \x01(\t\x12\x1b\n\x13\x63\x61libration_samples\x18\x05 \x01(\x05\x12#\n\x1b\x63\x61libration_sequence_length\x18\x06 \x01(\x05\x12\x18\n\x10training_dataset\x18\x07 \x01(\t\x12\x1a\n\x12\x65valuation_dataset\x18\x08 \x01(\t\x12\x1d\n\x15\x65valuation_max_tokens\x18\t \x01(\x05\x12 \n\x18\x65valuation_window_tokens\x18\n \x01(\x05\"\x9d\x01\n\x11TransformResponse\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.edgeforge.v1.Artifact\x12\'\n\x05steps\x18\x02 \x03(\x0b\x32\x18.edgeforge.v1.StepReport\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x17\n\x0fparameter_count\x18\x05 \x01(\x03\x32\xf9\x01\n\nCompressor\x12R\n\x0bImportModel\x12 .edgeforge.v1.ImportModelRequest\x1a!.edgeforge.v1.ImportModelResponse\x12I\n\x08\x43ompress\x12\x1d.edgeforge.v1.CompressRequest\x1a\x1e.edgeforge.v1.CompressResponse\x12L\n\tTransform\x12\x1e.edgeforge.v1.TransformRequest\x1a\x1f.edgeforge.v1.TransformResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,15 +34,19 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'edgeforge.v1.compressor_pb2
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_IMPORTMODELREQUEST']._serialized_start=74
-  _globals['_IMPORTMODELREQUEST']._serialized_end=110
-  _globals['_IMPORTMODELRESPONSE']._serialized_start=112
-  _globals['_IMPORTMODELRESPONSE']._serialized_end=219
-  _globals['_COMPRESSREQUEST']._serialized_start=222
-  _globals['_COMPRESSREQUEST']._serialized_end=485
-  _globals['_TENSORREPORT']._serialized_start=487
-  _globals['_TENSORREPORT']._serialized_end=605
-  _globals['_COMPRESSRESPONSE']._serialized_start=608
-  _globals['_COMPRESSRESPONSE']._serialized_end=796
-  _globals['_COMPRESSOR']._serialized_start=799
-  _globals['_COMPRESSOR']._serialized_end=970
+  _globals['_IMPORTMODELREQUEST']._serialized_end=149
+  _globals['_IMPORTMODELRESPONSE']._serialized_start=152
+  _globals['_IMPORTMODELRESPONSE']._serialized_end=298
+  _globals['_COMPRESSREQUEST']._serialized_start=301
+  _globals['_COMPRESSREQUEST']._serialized_end=564
+  _globals['_TENSORREPORT']._serialized_start=566
+  _globals['_TENSORREPORT']._serialized_end=684
+  _globals['_COMPRESSRESPONSE']._serialized_start=687
+  _globals['_COMPRESSRESPONSE']._serialized_end=875
+  _globals['_TRANSFORMREQUEST']._serialized_start=878
+  _globals['_TRANSFORMREQUEST']._serialized_end=1210
+  _globals['_TRANSFORMRESPONSE']._serialized_start=1213
+  _globals['_TRANSFORMRESPONSE']._serialized_end=1370
+  _globals['_COMPRESSOR']._serialized_start=1373
+  _globals['_COMPRESSOR']._serialized_end=1622
 # @@protoc_insertion_point(module_scope)

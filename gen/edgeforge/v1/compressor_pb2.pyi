@@ -9,20 +9,24 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ImportModelRequest(_message.Message):
-    __slots__ = ("source",)
+    __slots__ = ("source", "task")
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
     source: str
-    def __init__(self, source: _Optional[str] = ...) -> None: ...
+    task: _common_pb2.ModelTask
+    def __init__(self, source: _Optional[str] = ..., task: _Optional[_Union[_common_pb2.ModelTask, str]] = ...) -> None: ...
 
 class ImportModelResponse(_message.Message):
-    __slots__ = ("model", "architecture", "parameter_count")
+    __slots__ = ("model", "architecture", "parameter_count", "task")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     PARAMETER_COUNT_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
     model: _common_pb2.Artifact
     architecture: str
     parameter_count: int
-    def __init__(self, model: _Optional[_Union[_common_pb2.Artifact, _Mapping]] = ..., architecture: _Optional[str] = ..., parameter_count: _Optional[int] = ...) -> None: ...
+    task: _common_pb2.ModelTask
+    def __init__(self, model: _Optional[_Union[_common_pb2.Artifact, _Mapping]] = ..., architecture: _Optional[str] = ..., parameter_count: _Optional[int] = ..., task: _Optional[_Union[_common_pb2.ModelTask, str]] = ...) -> None: ...
 
 class CompressRequest(_message.Message):
     __slots__ = ("model", "quantization", "calibration_stats", "pre_steps", "calibration_dataset", "calibration_samples", "calibration_sequence_length")
@@ -73,3 +77,41 @@ class CompressResponse(_message.Message):
     seconds: float
     device: str
     def __init__(self, compressed: _Optional[_Union[_common_pb2.Artifact, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[TensorReport, _Mapping]]] = ..., payload_bytes: _Optional[int] = ..., bits_per_weight: _Optional[float] = ..., seconds: _Optional[float] = ..., device: _Optional[str] = ...) -> None: ...
+
+class TransformRequest(_message.Message):
+    __slots__ = ("model", "task", "steps", "calibration_dataset", "calibration_samples", "calibration_sequence_length", "training_dataset", "evaluation_dataset", "evaluation_max_tokens", "evaluation_window_tokens")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_DATASET_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_SEQUENCE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_DATASET_FIELD_NUMBER: _ClassVar[int]
+    EVALUATION_DATASET_FIELD_NUMBER: _ClassVar[int]
+    EVALUATION_MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    EVALUATION_WINDOW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    task: _common_pb2.ModelTask
+    steps: _containers.RepeatedCompositeFieldContainer[_common_pb2.CompressionStep]
+    calibration_dataset: str
+    calibration_samples: int
+    calibration_sequence_length: int
+    training_dataset: str
+    evaluation_dataset: str
+    evaluation_max_tokens: int
+    evaluation_window_tokens: int
+    def __init__(self, model: _Optional[str] = ..., task: _Optional[_Union[_common_pb2.ModelTask, str]] = ..., steps: _Optional[_Iterable[_Union[_common_pb2.CompressionStep, _Mapping]]] = ..., calibration_dataset: _Optional[str] = ..., calibration_samples: _Optional[int] = ..., calibration_sequence_length: _Optional[int] = ..., training_dataset: _Optional[str] = ..., evaluation_dataset: _Optional[str] = ..., evaluation_max_tokens: _Optional[int] = ..., evaluation_window_tokens: _Optional[int] = ...) -> None: ...
+
+class TransformResponse(_message.Message):
+    __slots__ = ("model", "steps", "seconds", "device", "parameter_count")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    PARAMETER_COUNT_FIELD_NUMBER: _ClassVar[int]
+    model: _common_pb2.Artifact
+    steps: _containers.RepeatedCompositeFieldContainer[_common_pb2.StepReport]
+    seconds: float
+    device: str
+    parameter_count: int
+    def __init__(self, model: _Optional[_Union[_common_pb2.Artifact, _Mapping]] = ..., steps: _Optional[_Iterable[_Union[_common_pb2.StepReport, _Mapping]]] = ..., seconds: _Optional[float] = ..., device: _Optional[str] = ..., parameter_count: _Optional[int] = ...) -> None: ...

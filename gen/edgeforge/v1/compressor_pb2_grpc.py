@@ -45,6 +45,11 @@ class CompressorStub:
                 request_serializer=edgeforge_dot_v1_dot_compressor__pb2.CompressRequest.SerializeToString,
                 response_deserializer=edgeforge_dot_v1_dot_compressor__pb2.CompressResponse.FromString,
                 _registered_method=True)
+        self.Transform = channel.unary_unary(
+                '/edgeforge.v1.Compressor/Transform',
+                request_serializer=edgeforge_dot_v1_dot_compressor__pb2.TransformRequest.SerializeToString,
+                response_deserializer=edgeforge_dot_v1_dot_compressor__pb2.TransformResponse.FromString,
+                _registered_method=True)
 
 
 class CompressorServicer:
@@ -66,6 +71,16 @@ class CompressorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Transform(self, request, context):
+        """Runs pruning, distillation and quantization-aware training steps on a float model and returns
+        the resulting float model (same family and format as the input), with its size and quality after
+        every step. Post-training quantization is not a Transform step: it is Compress (LMs) or the
+        exporter's weight grid (image and encoder models).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CompressorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -78,6 +93,11 @@ def add_CompressorServicer_to_server(servicer, server):
                     servicer.Compress,
                     request_deserializer=edgeforge_dot_v1_dot_compressor__pb2.CompressRequest.FromString,
                     response_serializer=edgeforge_dot_v1_dot_compressor__pb2.CompressResponse.SerializeToString,
+            ),
+            'Transform': grpc.unary_unary_rpc_method_handler(
+                    servicer.Transform,
+                    request_deserializer=edgeforge_dot_v1_dot_compressor__pb2.TransformRequest.FromString,
+                    response_serializer=edgeforge_dot_v1_dot_compressor__pb2.TransformResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -134,6 +154,33 @@ class Compressor:
             '/edgeforge.v1.Compressor/Compress',
             edgeforge_dot_v1_dot_compressor__pb2.CompressRequest.SerializeToString,
             edgeforge_dot_v1_dot_compressor__pb2.CompressResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Transform(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgeforge.v1.Compressor/Transform',
+            edgeforge_dot_v1_dot_compressor__pb2.TransformRequest.SerializeToString,
+            edgeforge_dot_v1_dot_compressor__pb2.TransformResponse.FromString,
             options,
             channel_credentials,
             insecure,

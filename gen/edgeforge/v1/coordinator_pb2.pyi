@@ -95,7 +95,7 @@ DEVICE_STATE_ONLINE: DeviceState
 DEVICE_STATE_OFFLINE: DeviceState
 
 class BuildSpec(_message.Message):
-    __slots__ = ("display_name", "model", "calibration", "evaluation", "targets", "constraints", "objective", "candidates", "benchmark", "priority")
+    __slots__ = ("display_name", "model", "calibration", "evaluation", "targets", "constraints", "objective", "candidates", "benchmark", "priority", "training")
     DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CALIBRATION_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +106,7 @@ class BuildSpec(_message.Message):
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     BENCHMARK_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_FIELD_NUMBER: _ClassVar[int]
     display_name: str
     model: ModelSource
     calibration: CalibrationConfig
@@ -116,7 +117,14 @@ class BuildSpec(_message.Message):
     candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
     benchmark: _common_pb2.BenchmarkConfig
     priority: int
-    def __init__(self, display_name: _Optional[str] = ..., model: _Optional[_Union[ModelSource, _Mapping]] = ..., calibration: _Optional[_Union[CalibrationConfig, _Mapping]] = ..., evaluation: _Optional[_Union[EvaluationConfig, _Mapping]] = ..., targets: _Optional[_Iterable[_Union[Target, _Mapping]]] = ..., constraints: _Optional[_Union[Constraints, _Mapping]] = ..., objective: _Optional[_Union[Objective, str]] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., benchmark: _Optional[_Union[_common_pb2.BenchmarkConfig, _Mapping]] = ..., priority: _Optional[int] = ...) -> None: ...
+    training: TrainingData
+    def __init__(self, display_name: _Optional[str] = ..., model: _Optional[_Union[ModelSource, _Mapping]] = ..., calibration: _Optional[_Union[CalibrationConfig, _Mapping]] = ..., evaluation: _Optional[_Union[EvaluationConfig, _Mapping]] = ..., targets: _Optional[_Iterable[_Union[Target, _Mapping]]] = ..., constraints: _Optional[_Union[Constraints, _Mapping]] = ..., objective: _Optional[_Union[Objective, str]] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., benchmark: _Optional[_Union[_common_pb2.BenchmarkConfig, _Mapping]] = ..., priority: _Optional[int] = ..., training: _Optional[_Union[TrainingData, _Mapping]] = ...) -> None: ...
+
+class TrainingData(_message.Message):
+    __slots__ = ("dataset",)
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    dataset: str
+    def __init__(self, dataset: _Optional[str] = ...) -> None: ...
 
 class ModelSource(_message.Message):
     __slots__ = ("artifact", "task")
@@ -137,14 +145,16 @@ class CalibrationConfig(_message.Message):
     def __init__(self, dataset: _Optional[str] = ..., samples: _Optional[int] = ..., sequence_length: _Optional[int] = ...) -> None: ...
 
 class EvaluationConfig(_message.Message):
-    __slots__ = ("dataset", "max_tokens", "window_tokens")
+    __slots__ = ("dataset", "max_tokens", "window_tokens", "max_samples")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     WINDOW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     max_tokens: int
     window_tokens: int
-    def __init__(self, dataset: _Optional[str] = ..., max_tokens: _Optional[int] = ..., window_tokens: _Optional[int] = ...) -> None: ...
+    max_samples: int
+    def __init__(self, dataset: _Optional[str] = ..., max_tokens: _Optional[int] = ..., window_tokens: _Optional[int] = ..., max_samples: _Optional[int] = ...) -> None: ...
 
 class Target(_message.Message):
     __slots__ = ("selector", "device", "name", "each_device", "constraints")
@@ -180,18 +190,20 @@ class Constraints(_message.Message):
     def __init__(self, max_size_bytes: _Optional[int] = ..., max_p90_latency_ms: _Optional[float] = ..., max_quality_loss_pct: _Optional[float] = ..., max_peak_memory_bytes: _Optional[int] = ...) -> None: ...
 
 class Candidate(_message.Message):
-    __slots__ = ("id", "format", "quantization", "recipe", "export")
+    __slots__ = ("id", "format", "quantization", "recipe", "export", "steps")
     ID_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
     RECIPE_FIELD_NUMBER: _ClassVar[int]
     EXPORT_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
     id: str
     format: _common_pb2.ExportFormat
     quantization: _common_pb2.QuantizationConfig
     recipe: _containers.RepeatedCompositeFieldContainer[_common_pb2.QuantizationConfig]
     export: _common_pb2.ExportOptions
-    def __init__(self, id: _Optional[str] = ..., format: _Optional[_Union[_common_pb2.ExportFormat, str]] = ..., quantization: _Optional[_Union[_common_pb2.QuantizationConfig, _Mapping]] = ..., recipe: _Optional[_Iterable[_Union[_common_pb2.QuantizationConfig, _Mapping]]] = ..., export: _Optional[_Union[_common_pb2.ExportOptions, _Mapping]] = ...) -> None: ...
+    steps: _containers.RepeatedCompositeFieldContainer[_common_pb2.CompressionStep]
+    def __init__(self, id: _Optional[str] = ..., format: _Optional[_Union[_common_pb2.ExportFormat, str]] = ..., quantization: _Optional[_Union[_common_pb2.QuantizationConfig, _Mapping]] = ..., recipe: _Optional[_Iterable[_Union[_common_pb2.QuantizationConfig, _Mapping]]] = ..., export: _Optional[_Union[_common_pb2.ExportOptions, _Mapping]] = ..., steps: _Optional[_Iterable[_Union[_common_pb2.CompressionStep, _Mapping]]] = ...) -> None: ...
 
 class BuildProgress(_message.Message):
     __slots__ = ("build", "stage", "candidate_id", "percent", "message", "update_time")
@@ -210,7 +222,7 @@ class BuildProgress(_message.Message):
     def __init__(self, build: _Optional[str] = ..., stage: _Optional[_Union[BuildStage, str]] = ..., candidate_id: _Optional[str] = ..., percent: _Optional[float] = ..., message: _Optional[str] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class CandidateResult(_message.Message):
-    __slots__ = ("id", "format", "recipe", "compressed_artifact", "artifact", "size_bytes", "quality", "validation", "error", "tensors", "bits_per_weight", "compress_seconds")
+    __slots__ = ("id", "format", "recipe", "compressed_artifact", "artifact", "size_bytes", "quality", "validation", "error", "tensors", "bits_per_weight", "compress_seconds", "steps", "transformed_model")
     ID_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     RECIPE_FIELD_NUMBER: _ClassVar[int]
@@ -223,6 +235,8 @@ class CandidateResult(_message.Message):
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     BITS_PER_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     COMPRESS_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    TRANSFORMED_MODEL_FIELD_NUMBER: _ClassVar[int]
     id: str
     format: _common_pb2.ExportFormat
     recipe: _struct_pb2.Struct
@@ -235,7 +249,9 @@ class CandidateResult(_message.Message):
     tensors: _containers.RepeatedCompositeFieldContainer[_compressor_pb2.TensorReport]
     bits_per_weight: float
     compress_seconds: float
-    def __init__(self, id: _Optional[str] = ..., format: _Optional[_Union[_common_pb2.ExportFormat, str]] = ..., recipe: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., compressed_artifact: _Optional[str] = ..., artifact: _Optional[str] = ..., size_bytes: _Optional[int] = ..., quality: _Optional[_Union[_common_pb2.Quality, _Mapping]] = ..., validation: _Optional[_Union[_common_pb2.Validation, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[_compressor_pb2.TensorReport, _Mapping]]] = ..., bits_per_weight: _Optional[float] = ..., compress_seconds: _Optional[float] = ...) -> None: ...
+    steps: _containers.RepeatedCompositeFieldContainer[_common_pb2.StepReport]
+    transformed_model: str
+    def __init__(self, id: _Optional[str] = ..., format: _Optional[_Union[_common_pb2.ExportFormat, str]] = ..., recipe: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., compressed_artifact: _Optional[str] = ..., artifact: _Optional[str] = ..., size_bytes: _Optional[int] = ..., quality: _Optional[_Union[_common_pb2.Quality, _Mapping]] = ..., validation: _Optional[_Union[_common_pb2.Validation, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[_compressor_pb2.TensorReport, _Mapping]]] = ..., bits_per_weight: _Optional[float] = ..., compress_seconds: _Optional[float] = ..., steps: _Optional[_Iterable[_Union[_common_pb2.StepReport, _Mapping]]] = ..., transformed_model: _Optional[str] = ...) -> None: ...
 
 class DeviceCandidate(_message.Message):
     __slots__ = ("candidate_id", "measurement", "status", "rejected_by", "error", "device", "attempts", "pareto", "dominated_by")

@@ -8,18 +8,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ExportRequest(_message.Message):
-    __slots__ = ("model", "compressed", "format", "options", "calibration")
+    __slots__ = ("model", "compressed", "format", "options", "calibration", "quantization")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     COMPRESSED_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     CALIBRATION_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
     model: str
     compressed: str
     format: _common_pb2.ExportFormat
     options: _common_pb2.ExportOptions
     calibration: str
-    def __init__(self, model: _Optional[str] = ..., compressed: _Optional[str] = ..., format: _Optional[_Union[_common_pb2.ExportFormat, str]] = ..., options: _Optional[_Union[_common_pb2.ExportOptions, _Mapping]] = ..., calibration: _Optional[str] = ...) -> None: ...
+    quantization: _common_pb2.QuantizationConfig
+    def __init__(self, model: _Optional[str] = ..., compressed: _Optional[str] = ..., format: _Optional[_Union[_common_pb2.ExportFormat, str]] = ..., options: _Optional[_Union[_common_pb2.ExportOptions, _Mapping]] = ..., calibration: _Optional[str] = ..., quantization: _Optional[_Union[_common_pb2.QuantizationConfig, _Mapping]] = ...) -> None: ...
 
 class ExportResponse(_message.Message):
     __slots__ = ("exported", "validation")
