@@ -45,7 +45,8 @@ from edgeforge.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 log = logging.getLogger("edgeforge.agent")
 FORMATS = {common_pb2.EXPORT_FORMAT_GGUF: "gguf", common_pb2.EXPORT_FORMAT_ONNX: "onnx",
            common_pb2.EXPORT_FORMAT_TFLITE: "tflite", common_pb2.EXPORT_FORMAT_COREML: "coreml"}
-TASKS = {common_pb2.MODEL_TASK_CAUSAL_LM: "causal_lm"}
+TASKS = {common_pb2.MODEL_TASK_CAUSAL_LM: "causal_lm", common_pb2.MODEL_TASK_IMAGE_CLASSIFICATION: "image_classification",
+         common_pb2.MODEL_TASK_TEXT_EMBEDDING: "text_embedding"}
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20),
                    ("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 10_000)]
 

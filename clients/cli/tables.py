@@ -39,8 +39,13 @@ def _row(r: dict, id_width: int) -> list[str]:
     return lines
 
 
+_METRIC_SHORT = {"perplexity": "ppl", "top1_accuracy": "acc", "top1_agreement": "agree", "cosine_similarity": "cos"}
+
+
 def candidate_table(report: dict) -> str:
     lines = []
+    metric = report["baseline"].get("metric") or "perplexity"
+    short = _METRIC_SHORT.get(metric, metric[:6])
     for device in report["devices"]:
         attrs = device["attributes"]
         summary = device.get("summary") or (f"{attrs.get('cpu', '?')}, {attrs.get('os', '?')}/"
@@ -51,7 +56,7 @@ def candidate_table(report: dict) -> str:
         lines += textwrap.wrap(f"warning: {device['emulated']}", WIDTH, initial_indent="  ",
                                subsequent_indent="    ") if device.get("emulated") else []
         id_width = min(max([len(r["id"]) for r in device["candidates"]] + [9]), _MAX_ID_WIDTH)
-        header = (f"    {'candidate':<{id_width}}{'size MB':>8}{'ppl':>8}{'Δ%':>8}{'p50 ms':>8}{'p90 ms':>8} "
+        header = (f"    {'candidate':<{id_width}}{'size MB':>8}{short:>8}{'Δ%':>8}{'p50 ms':>8}{'p90 ms':>8} "
                   f"{'CV%':>6}{'load ms':>8}{'peak MB':>8}{'pp t/s':>8}{'tg t/s':>8}  status")
         lines += [header, "  " + "-" * len(header)]         # as wide as a row ending "★ chosen"
         for r in device["candidates"]:
@@ -62,7 +67,29 @@ def candidate_table(report: dict) -> str:
             lines.append("  chosen: none — no candidate met the constraints")
             for miss in device.get("nearest_misses", []):
                 lines += textwrap.wrap(miss, WIDTH, initial_indent="    nearest miss: ", subsequent_indent=" " * 18)
-        lines.append(_LEGEND)
-    lines.append(f"float32 baseline perplexity {report['baseline']['value']:.3f} over "
-                 f"{report['baseline']['tokens']} tokens")
+        lines.append(_LEGEND.replace("ppl)", f"{short})"))
+    unit = "tokens" if metric == "perplexity" else "samples"
+    lines.append(f"float32 baseline {metric} {report['baseline']['value']:.4g} over {report['baseline']['tokens']} {unit}"
+                 + ("   (Δ% is the loss: positive is worse)" if metric != "perplexity" else ""))
+    lines += pipeline_table(report)
     return "\n".join(lines)
+
+
+def pipeline_table(report: dict) -> list[str]:
+    """Per pipeline candidate: size and quality after every step."""
+    lines = []
+    for pipeline in report.get("pipelines", []):
+        lines.append(f"pipeline {pipeline['id']}")
+        lines.append(f"    {'step':<44}{'params':>12}{'sparse':>8}{'dense MB':>10}{'stored MB':>10}{'quality':>10}"
+                     f"{'Δ%':>8}{'s':>7}")
+        for step in pipeline["steps"]:
+            quality = step["quality"]
+            value = f"{quality['value']:>10.4f}" if quality else f"{'-':>10}"
+            delta = f"{_no_negative_zero(quality['delta_pct']):>+8.2f}" if quality and step["index"] else f"{'':>8}"
+            label = f"{step['index']}. {step['kind']}: {step['description']}"[:43]
+            lines.append(f"    {label:<44}{step['parameters']:>12,}{100 * step['sparsity']:>7.1f}%"
+                         f"{step['dense_bytes'] / 1e6:>10.2f}{step['stored_bytes'] / 1e6:>10.2f}{value}{delta}"
+                         f"{step['seconds']:>7.1f}")
+            if step["note"]:
+                lines += textwrap.wrap(step["note"], WIDTH, initial_indent="        ", subsequent_indent="        ")
+    return lines

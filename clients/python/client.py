@@ -20,6 +20,9 @@ from clients.python import transfer
 from clients.python.spec import SpecError, SpecFile
 from edgeforge.v1 import (agent_pb2_grpc, common_pb2, coordinator_pb2, coordinator_pb2_grpc)
 
+DATASET_MEDIA_TYPES = {".npz": "application/x-npz", ".json": "application/json", ".jsonl": "application/jsonl"}
+# Single-file source models besides GGUF, by suffix; the compressor's ImportModel checks the content.
+MODEL_MEDIA_TYPES = {".onnx": "application/x-onnx", ".pt2": "application/x-torch-exported-program"}
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", 8 << 20), ("grpc.max_receive_message_length", 8 << 20)]
 
 
@@ -43,7 +46,8 @@ class Client:
                                     media_type=media_type, progress=progress)
 
     def upload_model(self, path: Path, progress: transfer.Progress | None = None) -> common_pb2.Artifact:
-        """An HF directory (sent as a deterministic tar bundle) or a GGUF file."""
+        """An HF directory or an edgeforge module directory (sent as a deterministic tar bundle), a GGUF file,
+        an ONNX file or a torch ExportedProgram (.pt2)."""
         if path.is_dir():
             from shared.models import bundle
             from shared.errors import InvalidArgument
@@ -55,13 +59,21 @@ class Client:
                     raise SpecError("model.path", error.message) from error
                 return self.upload(tar, common_pb2.ARTIFACT_KIND_SOURCE_MODEL, display_name=path.name,
                                    media_type=bundle.MEDIA_TYPE, progress=progress)
+        if path.suffix.lower() in MODEL_MEDIA_TYPES:
+            return self.upload(path, common_pb2.ARTIFACT_KIND_SOURCE_MODEL, media_type=MODEL_MEDIA_TYPES[path.suffix],
+                               progress=progress)
         with open(path, "rb") as f:
             magic = f.read(4)
         if magic != b"GGUF":
-            raise SpecError("model.path", f"{path.name} is neither an HF model directory nor a GGUF file "
-                                          f"(its first bytes are {magic!r}, not b'GGUF')")
+            raise SpecError("model.path", f"{path.name} is neither a model directory, a GGUF file (its first bytes "
+                                          f"are {magic!r}, not b'GGUF'), an .onnx file nor a .pt2 ExportedProgram")
         return self.upload(path, common_pb2.ARTIFACT_KIND_SOURCE_MODEL, media_type="application/x-gguf",
                            progress=progress)
+
+    def upload_dataset(self, path: Path, progress: transfer.Progress | None = None) -> common_pb2.Artifact:
+        """Text, JSON sentences or .npz images; the media type follows the suffix."""
+        media_type = DATASET_MEDIA_TYPES.get(path.suffix.lower(), "text/plain")
+        return self.upload(path, common_pb2.ARTIFACT_KIND_DATASET, media_type=media_type, progress=progress)
 
     def download(self, name: str, dest: Path, progress: transfer.Progress | None = None) -> Path:
         artifact = self.artifacts.GetArtifact(coordinator_pb2.GetArtifactRequest(name=name), timeout=60)
@@ -81,10 +93,10 @@ class Client:
         spec.CopyFrom(spec_file.spec)
         report = (lambda what: (lambda done, total: on_upload(what, done, total))) if on_upload else (lambda what: None)
         spec.model.artifact = self.upload_model(spec_file.model_path, report("model")).name
-        spec.calibration.dataset = self.upload(spec_file.calibration_path, common_pb2.ARTIFACT_KIND_DATASET,
-                                               media_type="text/plain", progress=report("calibration")).name
-        spec.evaluation.dataset = self.upload(spec_file.evaluation_path, common_pb2.ARTIFACT_KIND_DATASET,
-                                              media_type="text/plain", progress=report("evaluation")).name
+        spec.calibration.dataset = self.upload_dataset(spec_file.calibration_path, report("calibration")).name
+        spec.evaluation.dataset = self.upload_dataset(spec_file.evaluation_path, report("evaluation")).name
+        if spec_file.training_path is not None:
+            spec.training.dataset = self.upload_dataset(spec_file.training_path, report("training")).name
         return self.coordinator.CreateBuild(
             coordinator_pb2.CreateBuildRequest(spec=spec, request_id=request_id or uuid.uuid4().hex), timeout=120)
 

@@ -26,14 +26,22 @@ class SpecError(ValueError):
 # section -> {key: type}; nested dicts are described by their own entries.
 _KEYS: dict[str, dict[str, type | tuple]] = {
     "": {"name": str, "model": dict, "calibration": dict, "evaluation": dict, "targets": list,
-         "constraints": dict, "objective": str, "candidates": list, "benchmark": dict, "priority": int},
+         "constraints": dict, "objective": str, "candidates": list, "benchmark": dict, "priority": int,
+         "training": dict},
     "model": {"path": str, "task": str},
-    "calibration": {"text_file": str, "samples": int, "sequence_length": int},
-    "evaluation": {"text_file": str, "max_tokens": int, "window_tokens": int},
+    "calibration": {"text_file": str, "file": str, "samples": int, "sequence_length": int},
+    "evaluation": {"text_file": str, "file": str, "max_tokens": int, "window_tokens": int, "max_samples": int},
+    "training": {"file": str, "text_file": str},
     "targets[]": {"name": str, "selector": dict, "device": str, "each_device": bool, "constraints": dict},
     "constraints": {"max_size_bytes": int, "max_p90_latency_ms": (int, float), "max_quality_loss_pct": (int, float),
                     "max_peak_memory_bytes": int},
-    "candidates[]": {"id": str, "format": str, "quantization": dict, "recipe": list, "export": dict},
+    "candidates[]": {"id": str, "format": str, "quantization": dict, "recipe": list, "export": dict, "steps": list},
+    "steps[]": {"prune": dict, "distill": dict, "qat": dict, "quantize": dict},
+    "prune": {"method": str, "sparsity": (int, float), "scope": str, "n": int, "m": int, "unit": str,
+              "schedule": list, "finetune": dict},
+    "distill": {"alpha": (int, float), "temperature": (int, float), "training": dict},
+    "qat": {"quantization": dict, "activations": bool, "training": dict},
+    "training_config": {"steps": int, "batch_size": int, "learning_rate": (int, float), "seed": int},
     "export": {"float_type": str, "onnx_weight_operator": str, "int8_activations": bool, "external_data": bool,
                "coreml": dict},
     "coreml": {"palette_bits": int, "palette_mode": str, "palette_group_size": int, "sparsity": (int, float),
@@ -54,7 +62,12 @@ FORMATS = {"gguf": common_pb2.EXPORT_FORMAT_GGUF, "onnx": common_pb2.EXPORT_FORM
 WEIGHT_OPERATORS = {"dequantize_linear": common_pb2.ONNX_WEIGHT_OPERATOR_DEQUANTIZE_LINEAR,
                     "matmul_nbits": common_pb2.ONNX_WEIGHT_OPERATOR_MATMUL_NBITS}
 PALETTE_MODES = {"kmeans": common_pb2.PALETTE_MODE_KMEANS, "uniform": common_pb2.PALETTE_MODE_UNIFORM}
-TASKS = {"causal-lm": common_pb2.MODEL_TASK_CAUSAL_LM}
+TASKS = {"causal-lm": common_pb2.MODEL_TASK_CAUSAL_LM, "image-classification": common_pb2.MODEL_TASK_IMAGE_CLASSIFICATION,
+         "text-embedding": common_pb2.MODEL_TASK_TEXT_EMBEDDING}
+PRUNE_METHODS = {"magnitude": common_pb2.PRUNE_METHOD_MAGNITUDE, "wanda": common_pb2.PRUNE_METHOD_WANDA,
+                 "sparsegpt": common_pb2.PRUNE_METHOD_SPARSEGPT, "structured": common_pb2.PRUNE_METHOD_STRUCTURED}
+PRUNE_SCOPES = {"per_layer": common_pb2.PRUNE_SCOPE_PER_LAYER, "global": common_pb2.PRUNE_SCOPE_GLOBAL}
+STRUCTURED_UNITS = {"neurons": common_pb2.STRUCTURED_UNIT_NEURONS, "heads": common_pb2.STRUCTURED_UNIT_HEADS}
 OBJECTIVES = {"best_quality": coordinator_pb2.OBJECTIVE_BEST_QUALITY,
               "lowest_latency": coordinator_pb2.OBJECTIVE_LOWEST_LATENCY, "smallest": coordinator_pb2.OBJECTIVE_SMALLEST}
 METHODS = {"none": common_pb2.QUANT_METHOD_NONE, "rtn": common_pb2.QUANT_METHOD_RTN,
@@ -73,6 +86,7 @@ class SpecFile:
     model_path: Path
     calibration_path: Path
     evaluation_path: Path
+    training_path: Path | None = None
 
 
 def _check_keys(section: str, field: str, value: Any) -> dict:
@@ -201,12 +215,17 @@ def parse(raw: Any, base_dir: Path) -> SpecFile:
     model_path = _file(base_dir, model.get("path"), "model.path")
     spec.model.task = _choice(TASKS, model.get("task", "causal-lm"), "model.task")
     calibration = _check_keys("calibration", "calibration", raw.get("calibration") or {})
-    calibration_path = _file(base_dir, calibration.get("text_file"), "calibration.text_file")
+    calibration_path = _data_file(base_dir, calibration, "calibration")
     spec.calibration.samples = _positive(calibration.get("samples", 128), "calibration.samples", 4096)
     spec.calibration.sequence_length = _positive(calibration.get("sequence_length", 512),
                                                  "calibration.sequence_length", 8192, lower=8)
     evaluation = _check_keys("evaluation", "evaluation", raw.get("evaluation") or {})
-    evaluation_path = _file(base_dir, evaluation.get("text_file"), "evaluation.text_file")
+    evaluation_path = _data_file(base_dir, evaluation, "evaluation")
+    if "max_samples" in evaluation:
+        spec.evaluation.max_samples = _positive(evaluation["max_samples"], "evaluation.max_samples", 1_000_000)
+    training_path = None
+    if raw.get("training"):
+        training_path = _data_file(base_dir, _check_keys("training", "training", raw["training"]), "training")
     spec.evaluation.max_tokens = _positive(evaluation.get("max_tokens", 4096), "evaluation.max_tokens")
     spec.evaluation.window_tokens = _positive(evaluation.get("window_tokens", 512), "evaluation.window_tokens", 8192,
                                               lower=2)
@@ -240,6 +259,11 @@ def parse(raw: Any, base_dir: Path) -> SpecFile:
             proto.recipe.append(quantization(step, f"{field}.recipe[{j}]", export_format))
         if "export" in candidate:
             proto.export.CopyFrom(export_options(candidate["export"], f"{field}.export"))
+        if "steps" in candidate:
+            if "quantization" in candidate or "recipe" in candidate:
+                raise SpecError(f"{field}.steps", "give steps (ending in a quantize step) instead of quantization/recipe")
+            proto.steps.extend(_step(step, f"{field}.steps[{j}]", export_format)
+                               for j, step in enumerate(candidate["steps"]))
     benchmark = _check_keys("benchmark", "benchmark", raw.get("benchmark") or {})
     for key, upper in (("prompt_tokens", 8192), ("generation_tokens", 8192), ("warmup_runs", 100),
                        ("timed_runs", 1000), ("threads", 1024), ("throughput_generation_tokens", 8192),
@@ -254,7 +278,63 @@ def parse(raw: Any, base_dir: Path) -> SpecFile:
         spec.benchmark.throughput_prompt_tokens.append(
             _positive(tokens, f"benchmark.throughput_prompt_tokens[{j}]", 32768))
     spec.benchmark.skip_throughput = bool(benchmark.get("skip_throughput", False))
-    return SpecFile(spec, model_path, calibration_path, evaluation_path)
+    return SpecFile(spec, model_path, calibration_path, evaluation_path, training_path)
+
+
+def _data_file(base: Path, section: dict, name: str) -> Path:
+    """`file:` (any dataset: text, .npz images, .json sentences) or its older spelling `text_file:`."""
+    if "file" in section and "text_file" in section:
+        raise SpecError(f"{name}.file", "give file or text_file, not both")
+    key = "file" if "file" in section else "text_file"
+    return _file(base, section.get(key), f"{name}.{key}")
+
+
+def _training(raw: dict, field: str) -> common_pb2.TrainingConfig:
+    raw = _check_keys("training_config", field, raw)
+    return common_pb2.TrainingConfig(
+        steps=_positive(raw.get("steps", 200), f"{field}.steps", 100_000),
+        batch_size=_positive(raw["batch_size"], f"{field}.batch_size", 4096) if "batch_size" in raw else 0,
+        learning_rate=float(_positive(raw["learning_rate"], f"{field}.learning_rate", 1.0))
+        if "learning_rate" in raw else 0.0, seed=int(raw.get("seed", 0)))
+
+
+def _step(raw: dict, field: str, export_format: str) -> common_pb2.CompressionStep:
+    """One pipeline step: exactly one of prune, distill, qat, quantize (docs/SPEC.md "Pipelines")."""
+    raw = _check_keys("steps[]", field, raw)
+    if len(raw) != 1:
+        raise SpecError(field, f"give exactly one of prune, distill, qat, quantize; got {', '.join(raw) or 'none'}")
+    (kind, body), = raw.items()
+    body = body or {}
+    where = f"{field}.{kind}"
+    if kind == "quantize":
+        return common_pb2.CompressionStep(quantize=quantization(body, where, export_format))
+    if kind == "qat":
+        body = _check_keys("qat", where, body)
+        proto = common_pb2.QatConfig(activations=body.get("activations", False),
+                                     training=_training(body.get("training") or {}, f"{where}.training"))
+        if "quantization" not in body:
+            raise SpecError(f"{where}.quantization", "is required (the grid trained for)")
+        proto.quantization.CopyFrom(quantization(body["quantization"], f"{where}.quantization", export_format))
+        return common_pb2.CompressionStep(qat=proto)
+    if kind == "distill":
+        body = _check_keys("distill", where, body)
+        proto = common_pb2.DistillConfig(temperature=float(_positive(body.get("temperature", 4), f"{where}.temperature",
+                                                                     100)),
+                                         training=_training(body.get("training") or {}, f"{where}.training"))
+        if "alpha" in body:
+            proto.alpha = float(_positive(body["alpha"], f"{where}.alpha", 1.0, lower=0))
+        return common_pb2.CompressionStep(distill=proto)
+    body = _check_keys("prune", where, body)
+    proto = common_pb2.PruneConfig(method=_choice(PRUNE_METHODS, body.get("method", ""), f"{where}.method"),
+                                   sparsity=float(body.get("sparsity", 0)), n=body.get("n", 0), m=body.get("m", 0),
+                                   schedule=[float(v) for v in body.get("schedule", [])])
+    if "scope" in body:
+        proto.scope = _choice(PRUNE_SCOPES, body["scope"], f"{where}.scope")
+    if "unit" in body:
+        proto.unit = _choice(STRUCTURED_UNITS, body["unit"], f"{where}.unit")
+    if "finetune" in body:
+        proto.finetune.CopyFrom(_training(body["finetune"] or {}, f"{where}.finetune"))
+    return common_pb2.CompressionStep(prune=proto)
 
 
 def _constraints(raw: dict, proto: coordinator_pb2.Constraints, field: str) -> None:

@@ -191,9 +191,11 @@ def assemble(runner: "BuildRunner", rows) -> None:
         for candidate in build.candidates:
             entry = _entry(candidate, by_candidate.get(candidate.id))
             error = entry.error.message if entry.HasField("error") else ""
-            measured.append(Measured(candidate.id, candidate.size_bytes, candidate.quality.value,
-                                     candidate.quality.delta_pct, entry.measurement.latency.p90_ms, error,
-                                     entry.measurement.peak_rss_bytes))
+            # Selection ranks lower-is-better numbers: perplexity itself, or the loss in percent of a
+            # higher-is-better metric (accuracy, agreement, cosine similarity).
+            quality = candidate.quality.delta_pct if candidate.quality.higher_is_better else candidate.quality.value
+            measured.append(Measured(candidate.id, candidate.size_bytes, quality, candidate.quality.delta_pct,
+                                     entry.measurement.latency.p90_ms, error, entry.measurement.peak_rss_bytes))
             result.candidates.append(entry)
         measured_by = collections.Counter(e.device for e in result.candidates if e.device)
         pinned = next((r["device_id"] for r in pool_rows if r["device_id"]), "")

@@ -1,6 +1,12 @@
-"""One build, stage by stage: import → calibrate → (compress → export → evaluate) per candidate →
-benchmark on matching devices → select → report. Runs in its own thread; every step is saved, and
-work whose inputs were seen before is reused from the memo instead of being redone.
+"""One build, stage by stage: import → calibrate → (transform → compress → export → evaluate) per
+candidate → benchmark on matching devices → select → report. Runs in its own thread; every step is
+saved, and work whose inputs were seen before is reused from the memo instead of being redone.
+
+Causal LMs are quantized by the compressor (Compress) and exported from the compressed model; image
+classifiers and encoders are quantized by the exporter (ExportRequest.quantization, RTN onto a generic
+grid). A candidate with prune/distill/qat steps first gets its own float model from Transform, and that
+model is what it is compressed, exported and validated from; its quality is always measured against
+the build's source model.
 """
 from __future__ import annotations
 
@@ -8,7 +14,8 @@ import logging
 
 from edgeforge.v1 import calibrator_pb2, common_pb2, compressor_pb2, coordinator_pb2, exporter_pb2
 from services.calibrator.stats_file import VERSION as STATS_VERSION
-from services.coordinator import benchmarks
+from services.compressor.steps import CAUSAL_LM, step_to_proto, task_name
+from services.coordinator import benchmarks, steps as coordinator_steps
 from services.coordinator.context import CoordinatorContext
 from services.coordinator.spec import PlannedCandidate, plan
 from services.coordinator.state import digest
@@ -86,10 +93,11 @@ class BuildRunner:
     def _run(self) -> None:
         spec, workers = self.build.spec, self.ctx.workers
         self.step(Stage.BUILD_STAGE_IMPORT, 1, "importing the source model")
+        task = spec.model.task if task_name(spec.model.task) != CAUSAL_LM else 0     # LM keys predate the field
         imported, _ = self.memoized(
-            "import", [spec.model.artifact],
+            "import", [spec.model.artifact] + ([task] if task else []),
             lambda: workers.call(workers.compressor.ImportModel,
-                                 compressor_pb2.ImportModelRequest(source=spec.model.artifact)),
+                                 compressor_pb2.ImportModelRequest(source=spec.model.artifact, task=spec.model.task)),
             compressor_pb2.ImportModelResponse, lambda r: [r.model.name])
         model = imported.model.name
         self.build.reference_model = model
@@ -123,9 +131,11 @@ class BuildRunner:
         benchmarks.write_reports(self)
 
     def needs_calibration(self) -> bool:
-        """Calibrated methods, multi-step recipes and int8 activations read the calibrator's statistics;
-        RTN and float candidates do not (so a build of only those skips the stage)."""
-        return any(candidate.quantization.calibrated or candidate.pre_steps or candidate.options.int8_activations
+        """Calibrated methods, multi-step recipes and int8 activations of causal LMs read the calibrator's
+        statistics; RTN and float candidates do not (so a build of only those skips the stage). Pipeline steps
+        (Wanda, SparseGPT, structured) and image/encoder models gather their own statistics in Transform."""
+        return any(not candidate.module and (candidate.quantization.calibrated and candidate.pipeline is None
+                                             or candidate.pre_steps or candidate.options.int8_activations)
                    for candidate in plan(self.build.spec))
 
     def needs_hessians(self) -> bool:
@@ -137,8 +147,12 @@ class BuildRunner:
         return False
 
     def evaluate(self, artifact: str, export_format: ExportFormat, model: str) -> common_pb2.Quality:
+        """Quality of `artifact` on the evaluation data; `model` is the build's source model (its tokenizer,
+        and for image/encoder models the outputs that agreement and cosine similarity compare with)."""
         spec, workers = self.build.spec, self.ctx.workers
         evaluation = {"max_tokens": spec.evaluation.max_tokens, "window_tokens": spec.evaluation.window_tokens}
+        if spec.evaluation.max_samples:
+            evaluation["max_samples"] = spec.evaluation.max_samples
         request = exporter_pb2.EvaluateRequest(model=artifact, format=format_to_proto(export_format),
                                                dataset=spec.evaluation.dataset, tokenizer_model=model, **evaluation)
         response, _ = self.memoized("evaluate", [artifact, export_format.value, spec.evaluation.dataset, model,
@@ -147,15 +161,40 @@ class BuildRunner:
                                     exporter_pb2.EvaluateResponse, lambda r: [])
         return response.quality
 
+    def transform(self, candidate: PlannedCandidate, model: str) -> compressor_pb2.TransformResponse:
+        """The candidate's prune/distill/qat steps on the source model (memoized like every stage)."""
+        spec, workers = self.build.spec, self.ctx.workers
+        steps = candidate.pipeline.transforms
+        request = compressor_pb2.TransformRequest(
+            model=model, task=spec.model.task, steps=[step_to_proto(step) for step in steps],
+            calibration_dataset=spec.calibration.dataset, calibration_samples=spec.calibration.samples,
+            calibration_sequence_length=spec.calibration.sequence_length,
+            training_dataset=spec.training.dataset or spec.calibration.dataset,
+            evaluation_dataset=spec.evaluation.dataset, evaluation_max_tokens=spec.evaluation.max_tokens,
+            evaluation_window_tokens=spec.evaluation.window_tokens)
+        key = [model, [step.to_dict() for step in steps], request.calibration_dataset, request.calibration_samples,
+               request.calibration_sequence_length, request.training_dataset, request.evaluation_dataset,
+               request.evaluation_max_tokens, request.evaluation_window_tokens]
+        response, _ = self.memoized("transform", key, lambda: workers.call(workers.compressor.Transform, request),
+                                    compressor_pb2.TransformResponse, lambda r: [r.model.name])
+        return response
+
     def make_candidate(self, candidate: PlannedCandidate, model: str, index: int,
                        count: int) -> coordinator_pb2.CandidateResult:
         workers = self.ctx.workers
         result = coordinator_pb2.CandidateResult(id=candidate.id, format=format_to_proto(candidate.format),
                                                  recipe=struct(candidate.recipe()))
         base = 15 + 55 * index / count
+        source = model
         try:
             compressed = ""
-            if candidate.quantized:
+            if candidate.pipeline is not None and candidate.pipeline.transforms:
+                self.step(Stage.BUILD_STAGE_COMPRESS, base, f"transforming {candidate.id}", candidate.id)
+                transformed = self.transform(candidate, model)
+                model = result.transformed_model = transformed.model.name
+                result.steps.extend(transformed.steps)
+                result.compress_seconds += transformed.seconds
+            if candidate.quantized and not candidate.module:
                 self.step(Stage.BUILD_STAGE_COMPRESS, base, f"compressing {candidate.id}", candidate.id)
                 spec = self.build.spec
                 request = compressor_pb2.CompressRequest(
@@ -174,15 +213,22 @@ class BuildRunner:
                     compressor_pb2.CompressResponse, lambda r: [r.compressed.name])
                 compressed = result.compressed_artifact = response.compressed.name
                 result.tensors.extend(response.tensors)
-                result.bits_per_weight, result.compress_seconds = response.bits_per_weight, response.seconds
+                result.bits_per_weight = response.bits_per_weight
+                result.compress_seconds += response.seconds
+                if candidate.pipeline is not None:
+                    result.steps.append(coordinator_steps.quantize_report(len(result.steps), candidate.quantization,
+                                                                          response))
             self.step(Stage.BUILD_STAGE_EXPORT, base + 55 / count / 3, f"exporting {candidate.id}", candidate.id)
             calibration = self.build.calibration_stats if candidate.options.int8_activations else ""
             request = exporter_pb2.ExportRequest(model=model, compressed=compressed,
                                                  format=format_to_proto(candidate.format),
                                                  options=options_to_proto(candidate.options), calibration=calibration)
+            key = [model, compressed, candidate.format.value, candidate.options.to_dict(), calibration]
+            if candidate.module and candidate.quantized:         # the exporter rounds the weights
+                request.quantization.CopyFrom(quantization_to_proto(candidate.quantization))
+                key.append(candidate.quantization.to_dict())
             exported, _ = self.memoized(
-                "export", [model, compressed, candidate.format.value, candidate.options.to_dict(), calibration],
-                lambda: workers.call(workers.exporter.Export, request),
+                "export", key, lambda: workers.call(workers.exporter.Export, request),
                 exporter_pb2.ExportResponse, lambda r: [r.exported.name])
             result.artifact, result.size_bytes = exported.exported.name, exported.exported.size_bytes
             result.validation.CopyFrom(exported.validation)
@@ -192,11 +238,15 @@ class BuildRunner:
                 # The format's runtime cannot run on this machine (Core ML off macOS): the file was proven
                 # by reading it back, and its quality can only be measured where it runs.
                 log.info("%s: %s not evaluated here (%s)", self.build.name, candidate.id, exported.validation.runtime)
+                if candidate.pipeline is not None:
+                    result.steps.append(coordinator_steps.export_report(len(result.steps), candidate, result))
                 return result
-            quality = self.evaluate(result.artifact, candidate.format, model)
+            quality = self.evaluate(result.artifact, candidate.format, source)
             quality.baseline = self.build.baseline.value
-            quality.delta_pct = 100.0 * (quality.value - quality.baseline) / quality.baseline
+            quality.delta_pct = coordinator_steps.delta_pct(quality)
             result.quality.CopyFrom(quality)
+            if candidate.pipeline is not None:
+                result.steps.append(coordinator_steps.export_report(len(result.steps), candidate, result))
         except Cancelled:
             raise
         except EdgeforgeError as error:

@@ -106,6 +106,8 @@ def build_report(build: coordinator_pb2.Build) -> dict[str, Any]:
                      "tensors": [{"name": t.name, "grid": t.grid, "bits_per_weight": t.bits_per_weight,
                                   "snr_db": t.snr_db, "output_error": t.output_error} for t in c.tensors]}
                     for c in build.candidates if c.tensors]
+    pipelines = [{"id": c.id, "transformed_model": c.transformed_model, "steps": [step_dict(r) for r in c.steps]}
+                 for c in build.candidates if c.steps]
     targets = [{"name": t.name or f"targets[{i}]", "device": t.device, "selector": dict(sorted(t.selector.items())),
                 "each_device": t.each_device, "constraints": _constraints(t.constraints)}
                for i, t in enumerate(spec.targets)]
@@ -121,7 +123,20 @@ def build_report(build: coordinator_pb2.Build) -> dict[str, Any]:
         "targets": targets,
         "devices": [_device_entry(result, candidates, spec) for result in build.devices],
         "quantization": quantization,
+        "pipelines": pipelines,
+        "task": common_pb2.ModelTask.Name(spec.model.task or 1).removeprefix("MODEL_TASK_").lower(),
     }
+
+
+def step_dict(step: common_pb2.StepReport) -> dict[str, Any]:
+    """One pipeline step's size and quality, as report.json (and `edgeforge show`) give it."""
+    quality = step.quality
+    return {"index": step.index, "kind": step.kind, "description": step.description,
+            "parameters": step.parameter_count, "nonzero": step.nonzero_count, "sparsity": step.sparsity,
+            "dense_bytes": step.dense_bytes, "stored_bytes": step.stored_bytes, "storage": step.storage,
+            "quality": ({"metric": quality.metric, "value": quality.value, "higher_is_better": quality.higher_is_better,
+                         "delta_pct": quality.delta_pct, "metrics": dict(quality.metrics)} if quality.metric else None),
+            "seconds": step.seconds, "note": step.note}
 
 
 # ---------------------------------------------------------------- HTML
@@ -218,6 +233,32 @@ def _quantization_html(candidates: list[dict]) -> list[str]:
             out.append(f"<tr><td>{e(t['name'])}</td><td>{e(t['grid'])}</td><td>{t['bits_per_weight']:.3f}</td>"
                        f"<td>{t['snr_db']:.1f}</td><td>{t['output_error']:.2e}</td></tr>")
         out.append("</tbody></table></details>")
+    return out
+
+
+def _pipelines_html(pipelines: list[dict]) -> list[str]:
+    """Per pipeline candidate, size and quality after every step (source → prune/distill/qat → export)."""
+    e = html.escape
+    if not pipelines:
+        return []
+    out = ["<h2>Pipelines, step by step</h2><p class='meta'>Size and quality after every step. “Stored” is the "
+           "weights at the best honest storage (sparse tensors as CSR or a bitmask only where that is smaller than "
+           "dense; quantized tensors at their grid), or for the export step the file itself: GGUF, ONNX and TFLite "
+           "store zeros densely.</p>"]
+    for pipeline in pipelines:
+        out.append(f"<h3>{e(pipeline['id'])}</h3><table><thead><tr><th>step</th><th>parameters</th><th>sparsity</th>"
+                   "<th>dense MB</th><th>stored MB</th><th>quality</th><th>Δ</th><th>seconds</th>"
+                   "<th class='why'>note</th></tr></thead><tbody>")
+        for step in pipeline["steps"]:
+            quality = step["quality"]
+            value = f"{e(quality['metric'])} {quality['value']:.4f}" if quality else "—"
+            delta = _fmt_pct(quality["delta_pct"]) if quality and step["index"] else ""
+            out.append(f"<tr><td>{step['index']}. {e(step['kind'])}: {e(step['description'])}</td>"
+                       f"<td>{step['parameters']:,}</td><td>{100 * step['sparsity']:.1f}%</td>"
+                       f"<td>{_fmt_mb(step['dense_bytes'])}</td><td>{_fmt_mb(step['stored_bytes'])}</td>"
+                       f"<td>{value}</td><td>{delta}</td><td>{step['seconds']:.1f}</td>"
+                       f"<td class='why'>{e(step['storage'])}{'. ' + e(step['note']) if step['note'] else ''}</td></tr>")
+        out.append("</tbody></table>")
     return out
 
 
@@ -327,10 +368,12 @@ def render_html(document: dict[str, Any]) -> str:
            f"<h1>edgeforge build report: {title}</h1>",
            f"<p class='meta'>{e(document['build'])} · state <b>{e(document['state'])}</b> · objective "
            f"{e(document['objective'])} · float32 baseline {e(document['baseline']['metric'] or 'perplexity')} "
-           f"<b>{document['baseline']['value']:.3f}</b> over {document['baseline']['tokens']} tokens</p>",
+           f"<b>{document['baseline']['value']:.3f}</b> over {document['baseline']['tokens']} "
+           f"{'tokens' if document['baseline']['metric'] in ('', 'perplexity') else 'samples'}</p>",
            f"<p class='meta'>Build constraints: {e(_fmt_constraints(document['constraints']))}</p>"]
     for device in document["devices"]:
         out.extend(_target_html(device, document["objective"]))
+    out.extend(_pipelines_html(document.get("pipelines", [])))
     out.extend(_quantization_html(document.get("quantization", [])))
     out.append("<p class='meta'>Latency is one run: prompt processing of "
                f"{bench.get('prompt_tokens', '?')} tokens plus generation of {bench.get('generation_tokens', '?')} "

@@ -10,6 +10,8 @@ import dataclasses
 import re
 
 from edgeforge.v1 import common_pb2, coordinator_pb2
+from services.compressor.steps import CAUSAL_LM, IMAGE_CLASSIFICATION, Pipeline, TEXT_EMBEDDING, pipeline_from_protos, \
+    task_name
 from services.coordinator import selectors
 from services.exporter.base import CoremlOptions, ExportFormat, ExportOptions, OnnxWeightOperator
 from services.exporter.convert import format_from_proto, options_from_proto
@@ -26,6 +28,17 @@ DEFAULT_CANDIDATES = (
     (ExportFormat.ONNX, QuantizationConfig(Method.NONE)),
     (ExportFormat.ONNX, QuantizationConfig(Method.RTN, bits=8, granularity=Granularity.PER_CHANNEL)),
 )
+INT8_PER_CHANNEL = QuantizationConfig(Method.RTN, bits=8, granularity=Granularity.PER_CHANNEL)
+# Image and encoder models: float and int8 weights in each format whose runtime runs here or on phones.
+DEFAULT_MODULE_CANDIDATES = {
+    IMAGE_CLASSIFICATION: ((ExportFormat.ONNX, QuantizationConfig(Method.NONE)), (ExportFormat.ONNX, INT8_PER_CHANNEL),
+                           (ExportFormat.TFLITE, QuantizationConfig(Method.NONE)),
+                           (ExportFormat.TFLITE, INT8_PER_CHANNEL)),
+    TEXT_EMBEDDING: ((ExportFormat.ONNX, QuantizationConfig(Method.NONE)), (ExportFormat.ONNX, INT8_PER_CHANNEL),
+                     (ExportFormat.ONNX, QuantizationConfig(Method.RTN, bits=4, granularity=Granularity.PER_GROUP,
+                                                            group_size=32))),
+}
+MODULE_FORMATS = (ExportFormat.ONNX, ExportFormat.TFLITE, ExportFormat.COREML)
 DEFAULT_BENCHMARK = {"prompt_tokens": 128, "generation_tokens": 32, "warmup_runs": 1, "timed_runs": 5,
                      "min_duration_ms": 1000, "max_cv_pct": 10.0, "cv_repeats": 2, "throughput_generation_tokens": 128,
                      "throughput_runs": 3, "cooldown_ms": 1000}
@@ -44,6 +57,13 @@ class PlannedCandidate:
     quantization: QuantizationConfig   # the final (quantizing) step
     options: ExportOptions = ExportOptions()
     pre_steps: tuple[QuantizationConfig, ...] = ()
+    pipeline: Pipeline | None = None     # prune/distill/qat steps run by Transform before quantization
+    task: str = CAUSAL_LM
+
+    @property
+    def module(self) -> bool:
+        """An image or encoder model: quantized by the exporter's weight grid, not by Compress."""
+        return self.task != CAUSAL_LM
 
     @property
     def float_type(self) -> str:
@@ -63,6 +83,8 @@ class PlannedCandidate:
             out["export"] = changed
         if self.pre_steps:
             out["recipe"] = [step.to_dict() for step in (*self.pre_steps, self.quantization)]
+        if self.pipeline is not None:
+            out["steps"] = self.pipeline.to_dicts()
         return out
 
 
@@ -82,20 +104,38 @@ def _options_suffix(options: ExportOptions) -> str:
     return "".join(f"-{p}" for p in parts)
 
 
+def _pipeline_prefix(pipeline: Pipeline | None) -> str:
+    """What a pipeline adds before the grid: sparsegpt50-, wanda2of4-, structured-neurons25-distill-, qat-."""
+    if pipeline is None:
+        return ""
+    parts = []
+    for step in pipeline.transforms:
+        if step.kind == "prune":
+            amount = f"{step.n}of{step.m}" if step.m else f"{round(100 * step.sparsity)}"
+            unit = f"-{step.unit}" if step.method == "structured" else ""
+            parts.append(f"{step.method}{unit}{amount}" + ("-iter" if step.schedule else "")
+                         + ("-ft" if step.finetune and not step.schedule else ""))
+        else:
+            parts.append(step.kind)
+    return "".join(f"{p}-" for p in parts)
+
+
 def candidate_id(export_format: ExportFormat, config: QuantizationConfig, options: ExportOptions = ExportOptions(),
-                 pre_steps: tuple[QuantizationConfig, ...] = ()) -> str:
+                 pre_steps: tuple[QuantizationConfig, ...] = (), pipeline: Pipeline | None = None) -> str:
     """e.g. gguf-q4_0 (RTN), gguf-q4_k-gptq, onnx-int4-g64-sym-awq+gptq, gguf-q4_k_m-gptq-mixed,
-    onnx-int4-g32-sym-matmul_nbits, coreml-f16-sparse50-pal4k."""
+    onnx-int4-g32-sym-matmul_nbits, coreml-f16-sparse50-pal4k, gguf-sparsegpt2of4-q4_0,
+    onnx-structured-neurons25-distill-int8-per_channel-sym, tflite-qat-int4-per_channel-sym."""
     grid = config.grid()
+    prefix = f"{export_format.value}-{_pipeline_prefix(pipeline)}"
     if grid is None:
-        return f"{export_format.value}-{options.float_type}{_options_suffix(options)}"
+        return f"{prefix}{options.float_type}{_options_suffix(options)}"
     name = config.gguf_type or grid.name.replace("/", "-")
     methods = [step.method.value for step in (*pre_steps, config)]
     if methods != ["rtn"]:
         name += "-" + "+".join(methods)
     if config.mixed is not None:
         name += "-mixed"
-    return f"{export_format.value}-{name}{_options_suffix(options)}"
+    return f"{prefix}{name}{_options_suffix(options)}"
 
 
 def _float_type(export_format: ExportFormat, config: QuantizationConfig, export: common_pb2.ExportOptions,
@@ -128,9 +168,13 @@ def _check_export_options(export_format: ExportFormat, options: ExportOptions, f
         raise InvalidArgument(f"coreml options apply to coreml, not {export_format.value}", field=f"{field}.coreml")
 
 
-def _check_model_format(store: ArtifactStore, sha256: str) -> None:
-    """A source model must be a GGUF file or a model bundle (tar with config.json): check before starting."""
+def _check_model_format(store: ArtifactStore, sha256: str, task: str) -> None:
+    """A causal LM must be a GGUF file or a model bundle (tar with config.json): check before starting.
+    Image and encoder models come in more forms (ONNX, .pt2, BERT or module bundles); the compressor's
+    ImportModel reads them and fails the build with the precise reason."""
     import tarfile
+    if task != CAUSAL_LM:
+        return
     path = store.path(sha256)
     with open(path, "rb") as f:
         magic = f.read(4)
@@ -166,16 +210,23 @@ def validate(spec: coordinator_pb2.BuildSpec, store: ArtifactStore) -> tuple[coo
     """Returns the spec with defaults filled in and the candidate plan, or raises InvalidArgument."""
     spec = coordinator_pb2.BuildSpec.FromString(spec.SerializeToString())
     _artifact(store, spec.model.artifact, "model.artifact", (ArtifactKind.SOURCE_MODEL, ArtifactKind.MODEL))
-    _check_model_format(store, parse_artifact_name(spec.model.artifact))
     if spec.model.task == common_pb2.MODEL_TASK_UNSPECIFIED:
         spec.model.task = common_pb2.MODEL_TASK_CAUSAL_LM
-    elif spec.model.task != common_pb2.MODEL_TASK_CAUSAL_LM:
-        raise InvalidArgument(f"model.task {spec.model.task} is not supported (causal-lm only)", field="model.task")
+    task = task_name(spec.model.task)
+    _check_model_format(store, parse_artifact_name(spec.model.artifact), task)
     _artifact(store, spec.calibration.dataset, "calibration.dataset", (ArtifactKind.DATASET,))
     _artifact(store, spec.evaluation.dataset, "evaluation.dataset", (ArtifactKind.DATASET,))
     if spec.calibration.dataset == spec.evaluation.dataset:
         raise InvalidArgument("calibration and evaluation data are the same artifact; evaluation text must be "
                               "held out or quality numbers are optimistic", field="evaluation.dataset")
+    if spec.training.dataset:
+        _artifact(store, spec.training.dataset, "training.dataset", (ArtifactKind.DATASET,))
+        if spec.training.dataset == spec.evaluation.dataset:
+            raise InvalidArgument("training and evaluation data are the same artifact; a model fine-tuned on its "
+                                  "evaluation data scores optimistically", field="training.dataset")
+    if spec.evaluation.max_samples < 0:
+        raise InvalidArgument(f"evaluation.max_samples must not be negative, got {spec.evaluation.max_samples}",
+                              field="evaluation.max_samples")
     spec.calibration.samples = spec.calibration.samples or 128
     spec.calibration.sequence_length = spec.calibration.sequence_length or 512
     if not (1 <= spec.calibration.samples <= 4096 and 8 <= spec.calibration.sequence_length <= 8192):
@@ -225,7 +276,7 @@ def validate(spec: coordinator_pb2.BuildSpec, store: ArtifactStore) -> tuple[coo
     if not spec.benchmark.throughput_prompt_tokens:
         spec.benchmark.throughput_prompt_tokens.extend(DEFAULT_THROUGHPUT_PROMPTS)
     if not spec.candidates:
-        for export_format, config in DEFAULT_CANDIDATES:
+        for export_format, config in DEFAULT_MODULE_CANDIDATES.get(task, DEFAULT_CANDIDATES):
             from services.exporter.convert import format_to_proto
             spec.candidates.add(format=format_to_proto(export_format), quantization=quantization_to_proto(config))
     planned = plan(spec)
@@ -252,12 +303,24 @@ def effective_constraints(spec: coordinator_pb2.BuildSpec, target: coordinator_p
 def plan(spec: coordinator_pb2.BuildSpec) -> list[PlannedCandidate]:
     from services.compressor.compress import check_steps
     planned, seen = [], set()
+    task = task_name(spec.model.task or common_pb2.MODEL_TASK_CAUSAL_LM)
     for i, candidate in enumerate(spec.candidates):
         field = f"candidates[{i}]"
         export_format = format_from_proto(candidate.format, f"{field}.format")
         if export_format is ExportFormat.REFERENCE:
             raise InvalidArgument("reference is not an export format", field=f"{field}.format")
-        if candidate.recipe:
+        if task != CAUSAL_LM and export_format not in MODULE_FORMATS:
+            raise InvalidArgument(f"{export_format.value} is for causal LMs; a {task.replace('_', '-')} model exports "
+                                  f"as {', '.join(f.value for f in MODULE_FORMATS)}", field=f"{field}.format")
+        pipeline = None
+        if candidate.steps:
+            if candidate.recipe or candidate.HasField("quantization"):
+                raise InvalidArgument("give steps (ending in a quantize step) instead of quantization/recipe",
+                                      field=f"{field}.steps")
+            pipeline = pipeline_from_protos(candidate.steps, task, f"{field}.steps")
+            steps = [pipeline.quantize or QuantizationConfig(Method.NONE)]
+            _check_pipeline_quantization(steps[0], task, f"{field}.steps")
+        elif candidate.recipe:
             if candidate.HasField("quantization"):
                 raise InvalidArgument("give either quantization or recipe, not both", field=f"{field}.recipe")
             steps = [quantization_from_proto(step, f"{field}.recipe[{j}]") for j, step in enumerate(candidate.recipe)]
@@ -272,6 +335,8 @@ def plan(spec: coordinator_pb2.BuildSpec) -> list[PlannedCandidate]:
                 quantization = common_pb2.QuantizationConfig(method=common_pb2.QUANT_METHOD_NONE)
             steps = [quantization_from_proto(quantization, f"{field}.quantization")]
         config, pre_steps = steps[-1], tuple(steps[:-1])
+        if task != CAUSAL_LM:
+            _check_module_quantization(config, pre_steps, field)
         if export_format is ExportFormat.ONNX and config.gguf_type in GGUF_TYPES:
             raise InvalidArgument(f"{config.gguf_type} is a GGUF block type; give onnx bits/granularity",
                                   field=f"{field}.quantization.type")
@@ -283,9 +348,32 @@ def plan(spec: coordinator_pb2.BuildSpec) -> list[PlannedCandidate]:
         export.float_type = _float_type(export_format, config, candidate.export, field)
         options = options_from_proto(export, f"{field}.export")
         _check_export_options(export_format, options, f"{field}.export")
-        candidate_name = candidate.id or candidate_id(export_format, config, options, pre_steps)
+        candidate_name = candidate.id or candidate_id(export_format, config, options, pre_steps, pipeline)
         if candidate_name in seen:
             raise InvalidArgument(f"candidate id {candidate_name!r} appears twice", field=f"{field}.id")
         seen.add(candidate_name)
-        planned.append(PlannedCandidate(candidate_name, export_format, config, options, pre_steps))
+        planned.append(PlannedCandidate(candidate_name, export_format, config, options, pre_steps, pipeline, task))
     return planned
+
+
+def _check_pipeline_quantization(config: QuantizationConfig, task: str, field: str) -> None:
+    """After prune/distill steps the model is no longer the one the build's statistics describe: methods that
+    read those statistics (IMATRIX, GPTQ without sequential calibration, mixed precision) are refused;
+    GPTQ sequential and AWQ run the transformed model on the calibration text themselves."""
+    if task != CAUSAL_LM:
+        return
+    stale = config.method is Method.IMATRIX or config.mixed is not None or (
+        config.method is Method.GPTQ and not config.gptq.sequential)
+    if stale:
+        raise InvalidArgument(f"{field}: {config.method.value}{' mixed precision' if config.mixed else ''} reads the "
+                              "calibration statistics of the source model, not of the pruned one; use rtn, awq or "
+                              "gptq with sequential calibration after prune/distill steps", field=field)
+
+
+def _check_module_quantization(config: QuantizationConfig, pre_steps: tuple, field: str) -> None:
+    """Image and encoder weights are rounded by the exporter (RTN onto a generic grid)."""
+    if pre_steps or config.method not in (Method.NONE, Method.RTN) or config.gguf_type not in ("", *FLOAT_TYPES) \
+            or config.mixed is not None:
+        raise InvalidArgument(f"{field}: image and encoder models are quantized by the exporter's round-to-nearest "
+                              "onto a generic grid (bits, granularity); GGUF types, GPTQ/AWQ/IMATRIX and recipes are "
+                              "for causal LMs", reason="UNSUPPORTED_OP", field=f"{field}.quantization")

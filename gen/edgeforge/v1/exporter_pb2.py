@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from edgeforge.v1 import common_pb2 as edgeforge_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x65\x64geforge/v1/exporter.proto\x12\x0c\x65\x64geforge.v1\x1a\x19\x65\x64geforge/v1/common.proto\"\xeb\x01\n\rExportRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\ncompressed\x18\x02 \x01(\t\x12*\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x1a.edgeforge.v1.ExportFormat\x12,\n\x07options\x18\x05 \x01(\x0b\x32\x1b.edgeforge.v1.ExportOptions\x12\x13\n\x0b\x63\x61libration\x18\x06 \x01(\t\x12\x36\n\x0cquantization\x18\x07 \x01(\x0b\x32 .edgeforge.v1.QuantizationConfigJ\x04\x08\x04\x10\x05R\nfloat_type\"h\n\x0e\x45xportResponse\x12(\n\x08\x65xported\x18\x01 \x01(\x0b\x32\x16.edgeforge.v1.Artifact\x12,\n\nvalidation\x18\x02 \x01(\x0b\x32\x18.edgeforge.v1.Validation\"\xa1\x01\n\x0f\x45valuateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12*\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x1a.edgeforge.v1.ExportFormat\x12\x0f\n\x07\x64\x61taset\x18\x03 \x01(\t\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x15\n\rwindow_tokens\x18\x05 \x01(\x05\x12\x17\n\x0ftokenizer_model\x18\x06 \x01(\t\"K\n\x10\x45valuateResponse\x12&\n\x07quality\x18\x01 \x01(\x0b\x32\x15.edgeforge.v1.Quality\x12\x0f\n\x07runtime\x18\x02 \x01(\t2\x9a\x01\n\x08\x45xporter\x12\x43\n\x06\x45xport\x12\x1b.edgeforge.v1.ExportRequest\x1a\x1c.edgeforge.v1.ExportResponse\x12I\n\x08\x45valuate\x12\x1d.edgeforge.v1.EvaluateRequest\x1a\x1e.edgeforge.v1.EvaluateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x65\x64geforge/v1/exporter.proto\x12\x0c\x65\x64geforge.v1\x1a\x19\x65\x64geforge/v1/common.proto\"\xeb\x01\n\rExportRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\ncompressed\x18\x02 \x01(\t\x12*\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x1a.edgeforge.v1.ExportFormat\x12,\n\x07options\x18\x05 \x01(\x0b\x32\x1b.edgeforge.v1.ExportOptions\x12\x13\n\x0b\x63\x61libration\x18\x06 \x01(\t\x12\x36\n\x0cquantization\x18\x07 \x01(\x0b\x32 .edgeforge.v1.QuantizationConfigJ\x04\x08\x04\x10\x05R\nfloat_type\"h\n\x0e\x45xportResponse\x12(\n\x08\x65xported\x18\x01 \x01(\x0b\x32\x16.edgeforge.v1.Artifact\x12,\n\nvalidation\x18\x02 \x01(\x0b\x32\x18.edgeforge.v1.Validation\"\xb6\x01\n\x0f\x45valuateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12*\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x1a.edgeforge.v1.ExportFormat\x12\x0f\n\x07\x64\x61taset\x18\x03 \x01(\t\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x15\n\rwindow_tokens\x18\x05 \x01(\x05\x12\x17\n\x0ftokenizer_model\x18\x06 \x01(\t\x12\x13\n\x0bmax_samples\x18\x07 \x01(\x05\"K\n\x10\x45valuateResponse\x12&\n\x07quality\x18\x01 \x01(\x0b\x32\x15.edgeforge.v1.Quality\x12\x0f\n\x07runtime\x18\x02 \x01(\t2\x9a\x01\n\x08\x45xporter\x12\x43\n\x06\x45xport\x12\x1b.edgeforge.v1.ExportRequest\x1a\x1c.edgeforge.v1.ExportResponse\x12I\n\x08\x45valuate\x12\x1d.edgeforge.v1.EvaluateRequest\x1a\x1e.edgeforge.v1.EvaluateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,9 +38,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXPORTRESPONSE']._serialized_start=310
   _globals['_EXPORTRESPONSE']._serialized_end=414
   _globals['_EVALUATEREQUEST']._serialized_start=417
-  _globals['_EVALUATEREQUEST']._serialized_end=578
-  _globals['_EVALUATERESPONSE']._serialized_start=580
-  _globals['_EVALUATERESPONSE']._serialized_end=655
-  _globals['_EXPORTER']._serialized_start=658
-  _globals['_EXPORTER']._serialized_end=812
+  _globals['_EVALUATEREQUEST']._serialized_end=599
+  _globals['_EVALUATERESPONSE']._serialized_start=601
+  _globals['_EVALUATERESPONSE']._serialized_end=676
+  _globals['_EXPORTER']._serialized_start=679
+  _globals['_EXPORTER']._serialized_end=833
 # @@protoc_insertion_point(module_scope)

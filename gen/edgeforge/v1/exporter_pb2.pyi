@@ -32,20 +32,22 @@ class ExportResponse(_message.Message):
     def __init__(self, exported: _Optional[_Union[_common_pb2.Artifact, _Mapping]] = ..., validation: _Optional[_Union[_common_pb2.Validation, _Mapping]] = ...) -> None: ...
 
 class EvaluateRequest(_message.Message):
-    __slots__ = ("model", "format", "dataset", "max_tokens", "window_tokens", "tokenizer_model")
+    __slots__ = ("model", "format", "dataset", "max_tokens", "window_tokens", "tokenizer_model", "max_samples")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     DATASET_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     WINDOW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_MODEL_FIELD_NUMBER: _ClassVar[int]
+    MAX_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     model: str
     format: _common_pb2.ExportFormat
     dataset: str
     max_tokens: int
     window_tokens: int
     tokenizer_model: str
-    def __init__(self, model: _Optional[str] = ..., format: _Optional[_Union[_common_pb2.ExportFormat, str]] = ..., dataset: _Optional[str] = ..., max_tokens: _Optional[int] = ..., window_tokens: _Optional[int] = ..., tokenizer_model: _Optional[str] = ...) -> None: ...
+    max_samples: int
+    def __init__(self, model: _Optional[str] = ..., format: _Optional[_Union[_common_pb2.ExportFormat, str]] = ..., dataset: _Optional[str] = ..., max_tokens: _Optional[int] = ..., window_tokens: _Optional[int] = ..., tokenizer_model: _Optional[str] = ..., max_samples: _Optional[int] = ...) -> None: ...
 
 class EvaluateResponse(_message.Message):
     __slots__ = ("quality", "runtime")
