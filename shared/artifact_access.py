@@ -101,22 +101,6 @@ _unpack_lock = threading.Lock()
 
 def open_model(access: ArtifactAccess, name: str, field: str = "model") -> tuple[ModelDir, str]:
     """The float model bundle `name`, unpacked once into the cache. Returns (ModelDir, sha256)."""
-    directory, sha256 = _unpacked(access, name, field)
-    return ModelDir(directory), sha256
-
-
-def open_module(access: ArtifactAccess, name: str, field: str = "model"):
-    """The module bundle `name` (an image or encoder model, shared/models/modules.py), unpacked once."""
-    from shared.models.modules import ModuleDir, is_module_dir
-    directory, _ = _unpacked(access, name, field)
-    if not is_module_dir(directory):
-        raise InvalidArgument(f"{field} {name} is a model bundle but not an image/encoder module bundle (no "
-                              "edgeforge-module.json): was it imported with the right task?",
-                              reason="UNKNOWN_MODEL_FORMAT", field=field)
-    return ModuleDir(directory)
-
-
-def _unpacked(access: ArtifactAccess, name: str, field: str) -> tuple[Path, str]:
     record = access.get(name)
     if record.kind not in (ArtifactKind.MODEL, ArtifactKind.SOURCE_MODEL):
         raise InvalidArgument(f"{field} {name} is a {record.kind.value}, not a model", reason="UNKNOWN_MODEL_FORMAT",
@@ -127,4 +111,4 @@ def _unpacked(access: ArtifactAccess, name: str, field: str) -> tuple[Path, str]
                               "directory)", reason="UNKNOWN_MODEL_FORMAT", field=field)
     with _unpack_lock:
         directory = bundle.unpack(path, access.cache_dir / "models" / record.sha256)
-    return directory, record.sha256
+    return ModelDir(directory), record.sha256
