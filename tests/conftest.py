@@ -101,3 +101,35 @@ def tiny_model_dir(smollm2_dir, tmp_path_factory) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(smollm2_dir / name, directory / name)
     return directory
+
+
+@pytest.fixture(scope="session")
+def small_cnn(tmp_path_factory):
+    """(module directory, {"calibration"|"training"|"evaluation": .npz}) of a small SmallCNN trained for
+    150 steps on 3,000 real Fashion-MNIST images (seconds): real data, a real if modest classifier."""
+    import torch
+
+    from services.compressor.train.loop import TrainingConfig, train
+    from shared.models import modules
+    from shared.models.cnn import NORMALISATION, SmallCNN, load_fashion_mnist
+    from shared.models.module_data import save_images
+    root = tmp_path_factory.mktemp("small-cnn")
+    images, labels = load_fashion_mnist("train")
+    test_images, test_labels = load_fashion_mnist("test")
+    files = {"calibration": root / "calibration.npz", "training": root / "training.npz",
+             "evaluation": root / "evaluation.npz"}
+    save_images(files["calibration"], images[:256], labels[:256])
+    save_images(files["training"], images[256:3256], labels[256:3256])
+    save_images(files["evaluation"], test_images[:500], test_labels[:500])
+    torch.manual_seed(0)
+    model = SmallCNN(channels=(8, 16), hidden=32)
+    mean, std = NORMALISATION["fashion-mnist"]
+    x = (torch.as_tensor(images[256:3256], dtype=torch.float32)[:, None] / 255 - mean) / std
+    train(model, (x, torch.as_tensor(labels[256:3256], dtype=torch.int64)),
+          lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1]),
+          TrainingConfig(steps=150, batch_size=64, learning_rate=3e-3), device="cpu")
+    directory = modules.write_module_dir(
+        model.eval(), root / "small-cnn", architecture="small_cnn", task=modules.IMAGE_TASK,
+        input={"image": {"channels": 1, "size": 28, "mean": [mean], "std": [std]}, "names": ["images"]},
+        source={"format": "test fixture", "dataset": "fashion-mnist", "train_images": 3000}, check=True)
+    return directory.path, files

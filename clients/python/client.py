@@ -22,7 +22,8 @@ from edgeforge.v1 import (agent_pb2_grpc, common_pb2, coordinator_pb2, coordinat
 
 DATASET_MEDIA_TYPES = {".npz": "application/x-npz", ".json": "application/json", ".jsonl": "application/jsonl"}
 # Single-file source models besides GGUF, by suffix; the compressor's ImportModel checks the content.
-MODEL_MEDIA_TYPES = {".onnx": "application/x-onnx", ".pt2": "application/x-torch-exported-program"}
+MODEL_MEDIA_TYPES = {".onnx": "application/x-onnx", ".pt2": "application/x-torch-exported-program",
+                     ".pth": "application/x-torch-state-dict", ".tar": "application/x-tar"}
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", 8 << 20), ("grpc.max_receive_message_length", 8 << 20)]
 
 
@@ -49,24 +50,26 @@ class Client:
         """An HF directory or an edgeforge module directory (sent as a deterministic tar bundle), a GGUF file,
         an ONNX file or a torch ExportedProgram (.pt2)."""
         if path.is_dir():
-            from shared.models import bundle
+            from shared.models import bundle, modules
             from shared.errors import InvalidArgument
+            pack = modules.pack if modules.is_module_dir(path) else bundle.pack
             with tempfile.TemporaryDirectory() as scratch:
                 tar = Path(scratch) / f"{path.name}.tar"
                 try:
-                    bundle.pack(path, tar)
+                    pack(path, tar)
                 except InvalidArgument as error:
                     raise SpecError("model.path", error.message) from error
                 return self.upload(tar, common_pb2.ARTIFACT_KIND_SOURCE_MODEL, display_name=path.name,
                                    media_type=bundle.MEDIA_TYPE, progress=progress)
         if path.suffix.lower() in MODEL_MEDIA_TYPES:
-            return self.upload(path, common_pb2.ARTIFACT_KIND_SOURCE_MODEL, media_type=MODEL_MEDIA_TYPES[path.suffix],
+            return self.upload(path, common_pb2.ARTIFACT_KIND_SOURCE_MODEL,
+                               media_type=MODEL_MEDIA_TYPES[path.suffix.lower()],
                                progress=progress)
         with open(path, "rb") as f:
             magic = f.read(4)
         if magic != b"GGUF":
             raise SpecError("model.path", f"{path.name} is neither a model directory, a GGUF file (its first bytes "
-                                          f"are {magic!r}, not b'GGUF'), an .onnx file nor a .pt2 ExportedProgram")
+                                          f"are {magic!r}, not b'GGUF'), nor one of {', '.join(MODEL_MEDIA_TYPES)}")
         return self.upload(path, common_pb2.ARTIFACT_KIND_SOURCE_MODEL, media_type="application/x-gguf",
                            progress=progress)
 
@@ -93,7 +96,8 @@ class Client:
         spec.CopyFrom(spec_file.spec)
         report = (lambda what: (lambda done, total: on_upload(what, done, total))) if on_upload else (lambda what: None)
         spec.model.artifact = self.upload_model(spec_file.model_path, report("model")).name
-        spec.calibration.dataset = self.upload_dataset(spec_file.calibration_path, report("calibration")).name
+        if spec_file.calibration_path is not None:
+            spec.calibration.dataset = self.upload_dataset(spec_file.calibration_path, report("calibration")).name
         spec.evaluation.dataset = self.upload_dataset(spec_file.evaluation_path, report("evaluation")).name
         if spec_file.training_path is not None:
             spec.training.dataset = self.upload_dataset(spec_file.training_path, report("training")).name

@@ -84,7 +84,7 @@ class SpecFile:
     """A parsed spec: the proto (artifact fields empty) and the local files to upload into them."""
     spec: coordinator_pb2.BuildSpec
     model_path: Path
-    calibration_path: Path
+    calibration_path: Path | None
     evaluation_path: Path
     training_path: Path | None = None
 
@@ -215,7 +215,11 @@ def parse(raw: Any, base_dir: Path) -> SpecFile:
     model_path = _file(base_dir, model.get("path"), "model.path")
     spec.model.task = _choice(TASKS, model.get("task", "causal-lm"), "model.task")
     calibration = _check_keys("calibration", "calibration", raw.get("calibration") or {})
-    calibration_path = _data_file(base_dir, calibration, "calibration")
+    # Image and encoder models need calibration data only for wanda/sparsegpt/structured steps (the
+    # coordinator says so when one is missing); a causal LM always has some.
+    calibration_path = None
+    if calibration or spec.model.task == common_pb2.MODEL_TASK_CAUSAL_LM:
+        calibration_path = _data_file(base_dir, calibration, "calibration")
     spec.calibration.samples = _positive(calibration.get("samples", 128), "calibration.samples", 4096)
     spec.calibration.sequence_length = _positive(calibration.get("sequence_length", 512),
                                                  "calibration.sequence_length", 8192, lower=8)

@@ -214,7 +214,8 @@ def validate(spec: coordinator_pb2.BuildSpec, store: ArtifactStore) -> tuple[coo
         spec.model.task = common_pb2.MODEL_TASK_CAUSAL_LM
     task = task_name(spec.model.task)
     _check_model_format(store, parse_artifact_name(spec.model.artifact), task)
-    _artifact(store, spec.calibration.dataset, "calibration.dataset", (ArtifactKind.DATASET,))
+    if spec.calibration.dataset or task == CAUSAL_LM:
+        _artifact(store, spec.calibration.dataset, "calibration.dataset", (ArtifactKind.DATASET,))
     _artifact(store, spec.evaluation.dataset, "evaluation.dataset", (ArtifactKind.DATASET,))
     if spec.calibration.dataset == spec.evaluation.dataset:
         raise InvalidArgument("calibration and evaluation data are the same artifact; evaluation text must be "
@@ -280,6 +281,14 @@ def validate(spec: coordinator_pb2.BuildSpec, store: ArtifactStore) -> tuple[coo
             from services.exporter.convert import format_to_proto
             spec.candidates.add(format=format_to_proto(export_format), quantization=quantization_to_proto(config))
     planned = plan(spec)
+    for i, candidate in enumerate(planned):
+        pipeline = candidate.pipeline
+        if pipeline is not None and not spec.calibration.dataset and (pipeline.calibrated or pipeline.trains
+                                                                       and not spec.training.dataset):
+            needs = "wanda, sparsegpt and structured pruning" if pipeline.calibrated else "training steps"
+            raise InvalidArgument(f"candidates[{i}] has {needs}, which need calibration.dataset"
+                                  + ("" if pipeline.calibrated else " or training.dataset"),
+                                  reason="MISSING_CALIBRATION", field="calibration.dataset")
     for candidate, planned_candidate in zip(spec.candidates, planned):
         candidate.id = planned_candidate.id
     return spec, planned

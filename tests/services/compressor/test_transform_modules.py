@@ -4,42 +4,20 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from services.compressor.steps import DistillStep, PruneStep, QatStep, Training
 from services.compressor.transform import TransformData, run_transform
 from shared.models import modules
-from shared.models.cnn import NORMALISATION, SmallCNN, load_fashion_mnist
-from shared.models.module_data import save_images
 from shared.quant.grids import Granularity, Method, QuantizationConfig
 
 INT4 = QuantizationConfig(Method.RTN, bits=4, granularity=Granularity.PER_CHANNEL)
 
 
 @pytest.fixture(scope="module")
-def cnn(tmp_path_factory):
-    """(module directory, TransformData) of a SmallCNN trained for 150 steps on 3,000 real images."""
-    from services.compressor.train.loop import TrainingConfig, train
-    root = tmp_path_factory.mktemp("cnn")
-    images, labels = load_fashion_mnist("train")
-    test_images, test_labels = load_fashion_mnist("test")
-    save_images(root / "calibration.npz", images[:256], labels[:256])
-    save_images(root / "training.npz", images[256:3256], labels[256:3256])
-    save_images(root / "evaluation.npz", test_images[:500], test_labels[:500])
-    torch.manual_seed(0)
-    model = SmallCNN(channels=(8, 16), hidden=32)
-    mean, std = NORMALISATION["fashion-mnist"]
-    x = (torch.as_tensor(images[256:3256], dtype=torch.float32)[:, None] / 255 - mean) / std
-    train(model, (x, torch.as_tensor(labels[256:3256], dtype=torch.int64)),
-          lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1]),
-          TrainingConfig(steps=150, batch_size=64, learning_rate=3e-3), device="cpu")
-    directory = modules.write_module_dir(
-        model.eval(), root / "model", architecture="small_cnn", task=modules.IMAGE_TASK,
-        input={"image": {"channels": 1, "size": 28, "mean": [mean], "std": [std]}, "names": ["images"]},
-        source={"format": "test"}, check=True)
-    data = TransformData("image_classification", root / "calibration.npz", 128, 0, root / "training.npz",
-                         root / "evaluation.npz")
-    return directory.path, data
+def cnn(small_cnn):
+    directory, files = small_cnn
+    return directory, TransformData("image_classification", files["calibration"], 128, 0, files["training"],
+                                    files["evaluation"])
 
 
 def weights(path):
