@@ -120,6 +120,7 @@ class DecoderTransform:
         from shared.models.bundle import ModelDir
         self.source, self.data, self.work, self.device, self.progress = ModelDir(source), data, work, device, progress
         self._sequences: dict[str, torch.Tensor] = {}
+        self._windows: list[list[int]] | None = None
 
     def sequences(self, which: str) -> torch.Tensor:
         """(samples, tokens) token ids of the calibration or training text, cut as the calibrator cuts them."""
@@ -139,17 +140,24 @@ class DecoderTransform:
                 yield name, model.array(name), _is_block_linear(name)
         return measure_size(tensors())
 
+    def windows(self) -> list[list[int]]:
+        """The evaluation windows, exactly as Exporter.Evaluate cuts them (tokenized once per Transform)."""
+        if self._windows is None:
+            from services.exporter.quality import windows
+            from shared.datasets import load_text
+            from shared.models.tokenizer import TextTokenizer
+            tokenizer = TextTokenizer(self.source.tokenizer_path, self.source.tokenizer_config())
+            text = load_text(self.data.evaluation, "evaluation_dataset")
+            self._windows = windows(tokenizer.encode(text), tokenizer.bos_id, self.data.window_tokens,
+                                    self.data.max_tokens)
+        return self._windows
+
     def quality(self, model) -> dict:
-        from services.exporter.quality import perplexity, windows
+        from services.exporter.quality import perplexity
         from services.exporter.runtimes import ReferenceRuntime
-        from shared.datasets import load_text
-        from shared.models.tokenizer import TextTokenizer
-        tokenizer = TextTokenizer(self.source.tokenizer_path, self.source.tokenizer_config())
-        text = load_text(self.data.evaluation, "evaluation_dataset")
-        token_windows = windows(tokenizer.encode(text), tokenizer.bos_id, self.data.window_tokens, self.data.max_tokens)
         runtime = ReferenceRuntime(model.path)
         try:
-            result = perplexity(runtime, token_windows)
+            result = perplexity(runtime, self.windows())
         finally:
             runtime.close()
         return {"metric": "perplexity", "value": result.value, "tokens": result.tokens}
