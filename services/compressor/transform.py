@@ -288,6 +288,13 @@ class ModuleTransform:
 
     # ------------------------------------------------------------------ steps
     def run(self, index: int, step: TransformStep, module: nn.Module) -> tuple[nn.Module, str]:
+        trains = not isinstance(step, PruneStep) or step.finetune is not None
+        if self.like.architecture == "exported_program" and (trains or step.method == "structured"):
+            raise FailedPrecondition(
+                f"step {index} ({step.describe()}): an ExportedProgram has a fixed graph — fixed shapes and no "
+                "training mode — so it can be pruned (magnitude, N:M, wanda, sparsegpt) but not trained or "
+                "structurally pruned; import a torch family (MobileNetV2, SmallCNN, BERT) for that",
+                reason="UNSUPPORTED_ARCH", field=f"steps[{index - 1}]")
         if isinstance(step, PruneStep):
             return self.prune(step, module)
         if isinstance(step, DistillStep):

@@ -1,0 +1,723 @@
+"""Module bundles: image classifiers and text encoders carried as one artifact (issue 6).
+
+A module directory holds `edgeforge-module.json` (MANIFEST) beside its family's files:
+  mobilenet_v2, small_cnn   model.safetensors — the torch state dict, float32
+  bert                      model.safetensors, config.json (HF BertConfig), tokenizer.json (+ vocab.txt …)
+  exported_program          program.pt2 (torch.export.save); model.safetensors overrides its parameters
+                            once a transform changed them
+  onnx                      model.onnx — no torch module: evaluation, export to ONNX, weight grids and
+                            magnitude/N:M pruning of its initializers only
+The manifest:
+  {"format": "edgeforge-module", "version": 1, "task": "image_classification" | "text_embedding",
+   "architecture": one of ARCHITECTURES, "structure": {constructor kwargs, from .structure()},
+   "input": {"image": {"channels", "size", "mean", "std"[, "layout": "NCHW" | "NHWC"]}
+             | "text": {"max_tokens"[, "length": a fixed token count]},
+             "names": [the model's input names, in call order]},
+   "source": {provenance of the import}, "history": [one note per transform since] (optional)}
+Text models (bert, and ONNX / ExportedProgram encoders, which get a WordPiece tokenizer at import) carry
+tokenizer.json; their inputs are named from input_ids, attention_mask, token_type_ids.
+
+MobileNetV2's BatchNorm is folded into the convolutions whenever a model enters a bundle (import and
+save): the weights in a bundle are the weights a runtime runs, so a grid that QAT or the exporter puts
+them on survives export bit for bit, and a transform never has BatchNorm statistics to keep in step.
+
+The bundle is a flat, deterministic tar like bundle.pack's decoder bundles, with the same member rules
+(plain files, simple names) plus .onnx and .pt2 members, and no config.json requirement.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+import threading
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from shared.errors import FailedPrecondition, InvalidArgument
+from shared.models.module_data import Samples, fit_image
+
+MANIFEST = "edgeforge-module.json"
+FORMAT, VERSION = "edgeforge-module", 1
+IMAGE_TASK, TEXT_TASK = "image_classification", "text_embedding"
+TASKS = (IMAGE_TASK, TEXT_TASK)
+ARCHITECTURES = ("mobilenet_v2", "small_cnn", "bert", "exported_program", "onnx")
+MEDIA_TYPE = "application/x-edgeforge-module+tar"
+WEIGHTS, PROGRAM, ONNX_MODEL, BERT_CONFIG = "model.safetensors", "program.pt2", "model.onnx", "config.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+REQUIRED_FILES = {"mobilenet_v2": (WEIGHTS,), "small_cnn": (WEIGHTS,), "bert": (WEIGHTS, BERT_CONFIG, "tokenizer.json"),
+                  "exported_program": (PROGRAM,), "onnx": (ONNX_MODEL,)}
+MANIFEST_KEYS = ("format", "version", "task", "architecture", "structure", "input", "source")
+TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+OUTPUT_NAMES = {IMAGE_TASK: "logits", TEXT_TASK: "embeddings"}
+DEFAULT_MAX_TOKENS = 128             # tokens per sentence when the model does not say (EncoderTokenizer's default)
+DEFAULT_IMAGE_SIZE = 224             # pixels per side of an image input whose size is dynamic
+ADDED_TOKENIZER = "all-MiniLM-L6-v2's WordPiece (BERT uncased vocabulary), added at import"
+EXAMPLE_BATCH = 2                    # example inputs hold two samples, so exporters keep the batch dynamic
+_MEMBER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_SUFFIXES = (".json", ".safetensors", ".txt", ".model", ".onnx", ".pt2")
+_LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"   # torch.save before 1.6
+
+
+def _unknown(message: str, field: str = "model") -> InvalidArgument:
+    return InvalidArgument(message, reason="UNKNOWN_MODEL_FORMAT", field=field)
+
+
+def _malformed(message: str) -> InvalidArgument:
+    return InvalidArgument(message, reason="MALFORMED_MODEL", field="model")
+
+
+@dataclasses.dataclass
+class LoadedModule:
+    """A bundle's torch module (CPU, float32, eval mode — an ExportedProgram's graph keeps the mode it
+    was exported in and refuses .eval()/.train()) and how to call and export it."""
+    module: nn.Module
+    task: str
+    architecture: str
+    example_inputs: tuple[torch.Tensor, ...]
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_axes: dict[str, dict[int, str]]
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.module.parameters())
+
+
+def is_module_dir(path: Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+class ModuleDir:
+    """An unpacked module bundle; the manifest and the family's files are checked on opening."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        self.task: str = self.manifest["task"]
+        self.architecture: str = self.manifest["architecture"]
+        self.structure: dict = self.manifest["structure"]
+        self.input: dict = self.manifest["input"]
+        self.source: dict = self.manifest["source"]
+        self._tokenizer = None
+        for name in REQUIRED_FILES[self.architecture]:
+            if not (self.path / name).is_file():
+                raise _unknown(f"{self.architecture} module {self.path.name} lacks {name}")
+
+    @property
+    def input_names(self) -> list[str]:
+        return list(self.input["names"])
+
+    def load(self) -> LoadedModule:
+        if self.architecture == "onnx":
+            raise FailedPrecondition("an ONNX module has no torch module: it can be evaluated, exported to ONNX, "
+                                     "quantized on a weight grid and magnitude/N:M pruned, not trained or "
+                                     "structurally pruned", reason="UNSUPPORTED_ARCH", field="model")
+        if self.architecture == "exported_program":
+            program = _read_program(self.path / PROGRAM)
+            module = program.module()
+            if (self.path / WEIGHTS).is_file():
+                _load_weights(module, self.path / WEIGHTS, self.architecture)
+            example = tuple(program.example_inputs[0]) if program.example_inputs else \
+                tuple(_synthetic_input(shape, dtype) for _, shape, dtype in _program_inputs(program))
+            dynamic = {name: {i: _axis_name(i) for i, size in enumerate(shape) if size is None}
+                       for name, shape, _ in _program_inputs(program)}
+        else:
+            module = self._build()
+            _load_weights(module, self.path / WEIGHTS, self.architecture)
+            module.eval()
+            example = self._example_inputs()
+            dynamic = {name: {0: "batch", 1: "tokens"} if self.task == TEXT_TASK else {0: "batch"}
+                       for name in self.input_names}
+        output = OUTPUT_NAMES[self.task]
+        dynamic = {name: axes for name, axes in dynamic.items() if axes}
+        if any(0 in axes for axes in dynamic.values()):
+            dynamic[output] = {0: "batch"}
+        return LoadedModule(module, self.task, self.architecture, example, self.input_names, [output], dynamic)
+
+    def _build(self) -> nn.Module:
+        try:
+            if self.architecture == "mobilenet_v2":
+                from shared.models.vision import MobileNetV2, fold_batchnorm
+                with torch.no_grad():
+                    return fold_batchnorm(MobileNetV2(**self.structure))        # bundles hold folded weights
+            if self.architecture == "small_cnn":
+                from shared.models.cnn import SmallCNN
+                return SmallCNN(**self.structure)
+            from shared.models.encoder import BertConfig, SentenceEncoder
+            return SentenceEncoder(BertConfig.from_hf(_read_json(self.path / BERT_CONFIG)), **self.structure)
+        except (TypeError, ValueError) as error:
+            raise _unknown(f"{MANIFEST} structure {json.dumps(self.structure)[:200]} does not build a "
+                           f"{self.architecture}: {error}") from error
+        except InvalidArgument as error:
+            raise _unknown(f"{MANIFEST} structure does not build a {self.architecture}: {error.message}") from error
+
+    def _example_inputs(self) -> tuple[torch.Tensor, ...]:
+        if self.task == TEXT_TASK:
+            from shared.models.encoder import VALIDATION_SENTENCES
+            inputs = self.prepare(Samples(sentences=list(VALIDATION_SENTENCES[:EXAMPLE_BATCH])))
+            return tuple(torch.from_numpy(inputs[name]) for name in self.input_names)
+        image = self.input["image"]
+        generator = torch.Generator().manual_seed(0)
+        return (torch.randn(EXAMPLE_BATCH, image["channels"], image["size"], image["size"], generator=generator),)
+
+    def tokenizer(self):
+        """The model's WordPiece tokenizer (text models), read once."""
+        from shared.models.encoder import EncoderTokenizer
+        if self.task != TEXT_TASK or not (self.path / "tokenizer.json").is_file():
+            raise FailedPrecondition(f"the {self.architecture} module for {self.task} has no tokenizer",
+                                     field="model")
+        if self._tokenizer is None:
+            self._tokenizer = EncoderTokenizer(self.path, self.input["text"]["max_tokens"])
+        return self._tokenizer
+
+    def prepare(self, samples: Samples) -> dict[str, np.ndarray]:
+        """Model inputs (name -> array) for dataset samples: uint8 images (N, H, W), (N, H, W, C) or
+        (N, C, H, W) -> normalised float32 (N, C, H, W) (NHWC for an NHWC ONNX graph), resized and
+        centre-cropped when their size differs; sentences -> int64 input_ids and attention_mask."""
+        if self.task == IMAGE_TASK:
+            if samples.images is None:
+                raise InvalidArgument(f"a {self.task} model needs an image dataset (.npz), got sentences",
+                                      field="dataset")
+            return {self.input_names[0]: _pixels(samples.images, self.input["image"])}
+        if samples.sentences is None:
+            raise InvalidArgument(f"a {self.task} model needs a text dataset, got images", field="dataset")
+        ids, mask = self.tokenizer()(samples.sentences, length=self.input["text"].get("length"))
+        arrays = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+        return {name: arrays[name] for name in self.input_names}
+
+    def parameter_count(self) -> int:
+        """Parameters of the model (ONNX: elements of its floating-point initializers)."""
+        if self.architecture != "onnx":
+            return self.load().parameter_count()
+        import onnx
+        model = onnx.load_model(str(self.path / ONNX_MODEL), load_external_data=False)
+        floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+        return sum(int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer if t.data_type in floats)
+
+
+def _pixels(images: np.ndarray, image: dict) -> np.ndarray:
+    channels, size = image["channels"], image["size"]
+    x = images[..., None] if images.ndim == 3 else images                         # (N, H, W, 1)
+    if x.ndim == 4 and x.shape[1] in (1, 3) and x.shape[3] not in (1, 3):
+        x = x.transpose(0, 2, 3, 1)                                               # (N, C, H, W) -> NHWC
+    if x.ndim != 4 or x.shape[3] not in (1, 3) or x.dtype != np.uint8:
+        raise InvalidArgument(f"images are {x.dtype} {images.shape}; expected uint8 (N, H, W), (N, H, W, C) or "
+                              "(N, C, H, W) with 1 or 3 channels", field="dataset")
+    if x.shape[3] == 1 and channels == 3:
+        x = np.repeat(x, 3, axis=3)
+    elif x.shape[3] == 3 and channels == 1:                                       # ITU-R BT.601 luma
+        x = np.round(x @ np.array([0.299, 0.587, 0.114])).astype(np.uint8)[..., None]
+    if x.shape[1:3] != (size, size):
+        x = np.stack([fit_image(picture[..., 0] if channels == 1 else picture, size) for picture in x])
+        x = x[..., None] if channels == 1 else x
+    pixels = (x.astype(np.float32) / 255.0 - np.float32(image["mean"])) / np.float32(image["std"])
+    return np.ascontiguousarray(pixels if image.get("layout") == "NHWC" else pixels.transpose(0, 3, 1, 2))
+
+
+# ---------------------------------------------------------------- manifest
+
+def read_manifest(path: Path) -> dict:
+    """The checked manifest of the module directory `path`."""
+    file = Path(path) / MANIFEST
+    if not file.is_file():
+        raise _unknown(f"{Path(path).name} has no {MANIFEST}; not an edgeforge module directory")
+    manifest = _read_json(file)
+    if not isinstance(manifest, dict):
+        raise _unknown(f"{MANIFEST} is a JSON {type(manifest).__name__}, not an object")
+    missing = [k for k in MANIFEST_KEYS if k not in manifest]
+    unknown = sorted(set(manifest) - set(MANIFEST_KEYS) - {"history"})
+    if missing or unknown:
+        raise _unknown(f"{MANIFEST} " + "; ".join(filter(None, [missing and f"lacks {missing}",
+                                                                 unknown and f"has unknown keys {unknown}"])))
+    expected = {"format": [FORMAT], "version": [VERSION], "task": TASKS, "architecture": ARCHITECTURES}
+    for key, allowed in expected.items():
+        if manifest[key] not in allowed:
+            raise _unknown(f"{MANIFEST} {key} is {manifest[key]!r}; expected " + " or ".join(map(repr, allowed)))
+    for key in ("structure", "input", "source"):
+        if not isinstance(manifest[key], dict):
+            raise _unknown(f"{MANIFEST} {key} must be an object, got {json.dumps(manifest[key])[:80]}")
+    if not isinstance(manifest.get("history", []), list):
+        raise _unknown(f"{MANIFEST} history must be a list")
+    _check_input(manifest["task"], manifest["input"])
+    return manifest
+
+
+def _check_input(task: str, spec: dict) -> None:
+    kind = "image" if task == IMAGE_TASK else "text"
+    if sorted(spec) != sorted([kind, "names"]):
+        raise _unknown(f"{MANIFEST} input of a {task} model holds {kind!r} and 'names', found {sorted(spec)}")
+    names = spec["names"]
+    if not (isinstance(names, list) and names and all(isinstance(n, str) and n for n in names)):
+        raise _unknown(f"{MANIFEST} input.names must be a non-empty list of input names")
+    detail = spec[kind]
+    if kind == "image":
+        channels, size = detail.get("channels"), detail.get("size")
+        ok = (channels in (1, 3) and isinstance(size, int) and size > 0 and len(names) == 1
+              and all(isinstance(detail.get(k), list) and len(detail[k]) == channels and
+                      all(isinstance(v, (int, float)) for v in detail[k]) for k in ("mean", "std"))
+              and min(detail["std"]) > 0 and detail.get("layout", "NCHW") in ("NCHW", "NHWC")
+              and not set(detail) - {"channels", "size", "mean", "std", "layout"})
+        what = "one input and image {channels: 1|3, size > 0, mean, std: one number per channel (std > 0)[, layout]}"
+    else:
+        ok = (isinstance(detail.get("max_tokens"), int) and detail["max_tokens"] > 0
+              and isinstance(detail.get("length", 1), int) and detail.get("length", 1) > 0
+              and not set(detail) - {"max_tokens", "length"}
+              and {"input_ids", "attention_mask"} <= set(names) <= set(TEXT_INPUTS))
+        what = f"text {{max_tokens > 0[, length > 0]}} and names among {list(TEXT_INPUTS)} with input_ids, attention_mask"
+    if not ok:
+        raise _unknown(f"{MANIFEST} input is {json.dumps(spec)[:200]}; expected {what}")
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise _unknown(f"{path.name} is not JSON: {error}") from error
+
+
+# ---------------------------------------------------------------- weights
+
+def _load_weights(module: nn.Module, path: Path, architecture: str) -> None:
+    from safetensors.torch import load_file
+
+    from shared.models.bundle import read_safetensors_header
+    read_safetensors_header(path)                        # precise errors for a truncated or forged header
+    _assign(module, load_file(str(path)), f"{path.name} of the {architecture} module")
+
+
+def _assign(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Loads `state` into `module` after checking names, shapes and finiteness; floats become float32."""
+    expected = module.state_dict()
+    missing, unexpected = [k for k in expected if k not in state], [k for k in state if k not in expected]
+    if missing or unexpected:
+        parts = [f"{len(missing)} tensors missing (e.g. {missing[0]})" if missing else "",
+                 f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else ""]
+        raise _malformed(f"{what} does not match its structure: " + ", ".join(filter(None, parts)))
+    for name, target in expected.items():
+        tensor = state[name]
+        if tensor.shape != target.shape:
+            raise _malformed(f"{what}: tensor {name} has shape {tuple(tensor.shape)}; the structure implies "
+                             f"{tuple(target.shape)}")
+        if tensor.is_floating_point():
+            tensor = tensor.float()
+            if not torch.isfinite(tensor).all():
+                raise _malformed(f"{what}: tensor {name} contains NaN or Inf")
+        state[name] = tensor
+    module.load_state_dict(state, strict=True)
+
+
+def _save_weights(module: nn.Module, path: Path) -> None:
+    from safetensors.torch import save_file
+    state = {name: (t.detach().float() if t.is_floating_point() else t.detach()).cpu().contiguous().clone()
+             for name, t in module.state_dict().items()}                         # clone: no shared storage
+    save_file(state, str(path), metadata={"format": "pt"})
+
+
+# ---------------------------------------------------------------- writing
+
+def write_module_dir(module: nn.Module | object | None, out_dir: Path, *, architecture: str, task: str,
+                     input: dict, source: dict, structure: dict | None = None, history: list | None = None,
+                     files: dict[str, Path] | None = None, check: bool = False) -> ModuleDir:
+    """Writes a module directory atomically (staging directory + rename; `out_dir` must not exist):
+    the manifest, the weights of `module` (an nn.Module; for "onnx" an onnx.ModelProto; None: the
+    weights are among `files`) and `files` (name -> path, copied). With `check`, the result passes
+    `validate` before it becomes visible."""
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise FailedPrecondition(f"{out_dir} already exists", field="out_dir")
+    if isinstance(module, nn.Module) and architecture == "mobilenet_v2":
+        module = _folded(module)
+    if structure is None:
+        structure = module.structure() if hasattr(module, "structure") else {}
+    manifest = {"format": FORMAT, "version": VERSION, "task": task, "architecture": architecture,
+                "structure": structure, "input": input, "source": source}
+    if history:
+        manifest["history"] = list(history)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
+    staging.chmod(0o755)
+    try:
+        for name, path in (files or {}).items():
+            shutil.copyfile(path, staging / name)
+        if isinstance(module, nn.Module):
+            _save_weights(module, staging / WEIGHTS)
+        elif module is not None:
+            import onnx
+            onnx.save_model(module, str(staging / ONNX_MODEL))
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        if check:
+            validate(ModuleDir(staging))
+        os.replace(staging, out_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return ModuleDir(out_dir)
+
+
+def _folded(model: nn.Module) -> nn.Module:
+    from shared.models.vision import fold_batchnorm
+    if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+        return model
+    with torch.no_grad():
+        return fold_batchnorm(copy.deepcopy(model).eval())
+
+
+def validate(module_dir: ModuleDir) -> None:
+    """Checks that the model runs: onnx.checker for "onnx"; otherwise the weights load and the example
+    inputs give one output of a shape that fits the task."""
+    if module_dir.architecture == "onnx":
+        import onnx
+        try:
+            onnx.checker.check_model(str(module_dir.path / ONNX_MODEL))
+        except onnx.checker.ValidationError as error:
+            raise _malformed(f"the ONNX model fails onnx.checker: {str(error)[:300]}") from error
+        return
+    loaded = module_dir.load()
+    with torch.no_grad():
+        output = loaded.module(*loaded.example_inputs)
+    batch = loaded.example_inputs[0].shape[0]
+    ranks = (2,) if module_dir.task == IMAGE_TASK else (2, 3)
+    if not isinstance(output, torch.Tensor) or output.ndim not in ranks or output.shape[0] != batch:
+        shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        raise FailedPrecondition(f"a {module_dir.task} model must return one ({batch}, …) tensor of rank "
+                                 f"{' or '.join(map(str, ranks))}; this one returns {shape}",
+                                 reason="UNSUPPORTED_ARCH", field="task")
+
+
+def save_module_dir(module, like: ModuleDir, out_dir: Path, *, structure: dict | None = None,
+                    note: dict | None = None) -> ModuleDir:
+    """A transformed model of `like`'s family (new weights, and for torch classes possibly a new
+    structure) as a new module directory. For "onnx", `module` is the edited onnx.ModelProto. An
+    ExportedProgram's graph fixes its shapes: only its weights can change."""
+    architecture = like.architecture
+    if architecture == "onnx" and isinstance(module, nn.Module):
+        raise FailedPrecondition("an ONNX module is saved from an onnx.ModelProto, not a torch module",
+                                 reason="UNSUPPORTED_ARCH", field="model")
+    if architecture == "exported_program":
+        _check_same_shapes(module, like)
+        structure = like.structure
+    carried = {p.name: p for p in like.path.iterdir() if p.is_file() and p.name not in (MANIFEST, WEIGHTS, ONNX_MODEL)}
+    history = list(like.manifest.get("history", [])) + ([note] if note else [])
+    return write_module_dir(module, out_dir, architecture=architecture, task=like.task, input=like.input,
+                            source=like.source, structure=structure, history=history, files=carried)
+
+
+def _check_same_shapes(module: nn.Module, like: ModuleDir) -> None:
+    before = {k: tuple(v.shape) for k, v in like.load().module.state_dict().items()}
+    after = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    if changed:
+        raise FailedPrecondition(f"an ExportedProgram's graph fixes its shapes, but {changed[0]} changed from "
+                                 f"{before.get(changed[0])} to {after.get(changed[0])}: structural changes need a "
+                                 "torch family (mobilenet_v2, small_cnn, bert)", reason="UNSUPPORTED_ARCH",
+                                 field="model")
+
+
+# ---------------------------------------------------------------- bundles (flat tars)
+
+def pack(directory: Path, out: Path) -> None:
+    """Writes module directory `directory` as a deterministic, uncompressed flat tar."""
+    ModuleDir(directory)
+    files = sorted(p for p in Path(directory).iterdir() if p.is_file() and _MEMBER_NAME.match(p.name)
+                   and p.name.endswith(_SUFFIXES))
+    with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tar:
+        for path in files:
+            info = tarfile.TarInfo(path.name)
+            info.size, info.mode, info.mtime = path.stat().st_size, 0o644, 0
+            with open(path, "rb") as f:
+                tar.addfile(info, f)
+
+
+def unpack(archive: Path, destination: Path) -> Path:
+    """Extracts a flat model tar (a module bundle or an HF directory's bundle) into `destination`
+    atomically; plain files with simple names only. Returns `destination`."""
+    if destination.is_dir():
+        return destination
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=destination.parent, prefix=".unpack-"))
+    try:
+        with tarfile.open(archive, "r:") as tar:
+            for member in tar:
+                if not member.isfile() or not _MEMBER_NAME.match(member.name) or \
+                        not member.name.endswith(_SUFFIXES):
+                    raise InvalidArgument(f"model bundle member {member.name[:100]!r} is not a plain file with a "
+                                          f"simple name ending in one of {list(_SUFFIXES)}; refused",
+                                          reason="MALFORMED_MODEL", field="model")
+                with tar.extractfile(member) as source, open(staging / member.name, "wb") as out:
+                    shutil.copyfileobj(source, out, 1 << 20)
+        os.replace(staging, destination)
+    except tarfile.TarError as error:
+        raise InvalidArgument(f"model bundle is not a readable tar: {error}", reason="MALFORMED_MODEL",
+                              field="model") from error
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return destination
+
+
+def tar_family(archive: Path) -> str | None:
+    """"module" for a module bundle, "bert" for the bundle of an HF BERT directory, else None (e.g. a
+    decoder bundle), judged from the tar's member names and config.json."""
+    try:
+        with tarfile.open(archive, "r:") as tar:
+            members = {m.name: m for m in tar.getmembers()}
+            if MANIFEST in members:
+                return "module"
+            config = members.get(BERT_CONFIG)
+            if config is None or not config.isfile() or config.size > 1 << 20:
+                return None
+            raw = json.loads(tar.extractfile(config).read())
+    except (tarfile.TarError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return "bert" if isinstance(raw, dict) and raw.get("model_type") == "bert" else None
+
+
+_unpack_lock = threading.Lock()
+
+
+def open_artifact(access, name: str, field: str = "model") -> ModuleDir:
+    """The module bundle artifact `name` (an ArtifactAccess), unpacked once into its cache."""
+    record = access.get(name)
+    path = access.local_path(name)
+    if tar_family(path) != "module":
+        raise _unknown(f"{field} {name} ({record.display_name}) is not a module bundle (a tar with {MANIFEST}); "
+                       "import the source model first", field=field)
+    with _unpack_lock:
+        directory = unpack(path, access.cache_dir / "modules" / record.sha256)
+    return ModuleDir(directory)
+
+
+# ---------------------------------------------------------------- import
+
+def import_source(path: Path, out_dir: Path, task: str | None) -> ModuleDir | None:
+    """A module directory at `out_dir` from an ONNX file, a torch ExportedProgram (.pt2), an unpacked HF
+    BERT directory or a torchvision MobileNetV2 state dict (.pth), judged by content; None when `path`
+    is none of these (a decoder directory, a GGUF file). `task` is required for ONNX and .pt2."""
+    path = Path(path)
+    if task is not None and task not in TASKS:
+        raise InvalidArgument(f"task {task!r} is not a module task (expected {' or '.join(TASKS)})", field="task")
+    if path.is_dir():
+        config = path / BERT_CONFIG
+        if config.is_file() and isinstance(raw := _read_json(config), dict) and raw.get("model_type") == "bert":
+            return _import_bert(path, out_dir, task, raw)
+        return None
+    kind = _sniff(path)
+    if kind is None:
+        return None
+    if kind == "state_dict":
+        return _import_state_dict(path, out_dir, task)
+    if task is None:
+        what = "an ONNX file" if kind == "onnx" else "an ExportedProgram"
+        raise InvalidArgument(f"{what} does not say what it computes: task is required ({' or '.join(TASKS)})",
+                              field="task")
+    source = {"format": kind, "file": path.name, "sha256": _sha256(path)}
+    if kind == "onnx":
+        return _import_onnx(path, out_dir, task, source)
+    return _import_program(path, out_dir, task, source)
+
+
+def _sniff(path: Path) -> str | None:
+    with open(path, "rb") as f:
+        head = f.read(len(_LEGACY_TORCH_MAGIC))
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+        if any(n.endswith("/archive_format") for n in names):                 # torch.export.save
+            return "exported_program"
+        if any(n.endswith("/data.pkl") for n in names):                       # torch.save
+            return "state_dict"
+        return None
+    if head == _LEGACY_TORCH_MAGIC:
+        return "state_dict"
+    # ONNX ModelProto serialises field 1 (ir_version, a varint) first: tag byte 0x08.
+    return "onnx" if head[:1] == b"\x08" else None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_task(task: str | None, expected: str, what: str) -> str:
+    if task not in (None, expected):
+        raise InvalidArgument(f"{what} is a {expected} model; task {task} does not fit", field="task")
+    return expected
+
+
+def _import_bert(path: Path, out_dir: Path, task: str | None, raw: dict) -> ModuleDir:
+    from safetensors.torch import load_file
+
+    from shared.models.bundle import read_safetensors_header
+    from shared.models.encoder import BertConfig, SentenceEncoder
+    task = _check_task(task, TEXT_TASK, "a BERT encoder")
+    for name in (WEIGHTS, "tokenizer.json"):
+        if not (path / name).is_file():
+            raise _unknown(f"the BERT directory has no {name} (only single-file safetensors weights are read)")
+    model = SentenceEncoder(BertConfig.from_hf(raw))
+    read_safetensors_header(path / WEIGHTS)
+    state = {k.removeprefix("bert."): v for k, v in load_file(str(path / WEIGHTS)).items()}
+    _assign(model, {k: v for k, v in state.items() if not k.startswith("pooler.") and k != "embeddings.position_ids"},
+            f"{WEIGHTS} of the BERT directory")
+    sentence = path / "sentence_bert_config.json"
+    max_tokens = _read_json(sentence).get("max_seq_length", DEFAULT_MAX_TOKENS) if sentence.is_file() \
+        else DEFAULT_MAX_TOKENS
+    files = {name: path / name for name in (BERT_CONFIG, *TOKENIZER_FILES) if (path / name).is_file()}
+    return write_module_dir(model, out_dir, architecture="bert", task=task,
+                            input={"text": {"max_tokens": min(int(max_tokens), model.config.max_position_embeddings)},
+                                   "names": ["input_ids", "attention_mask"]},
+                            source={"format": "hf_bert", "name_or_path": raw.get("_name_or_path", path.name)},
+                            files=files, check=True)
+
+
+def _import_state_dict(path: Path, out_dir: Path, task: str | None) -> ModuleDir:
+    import pickle
+
+    from shared.models.vision import SETTINGS, MobileNetV2
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)       # no pickled code runs
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as error:
+        raise _unknown(f"a torch checkpoint that torch.load(weights_only=True) cannot read: {error}") from error
+    if not (isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
+            and {"features.0.0.weight", "classifier.1.weight"} <= set(state)):
+        raise _unknown("a torch checkpoint, but not a torchvision MobileNetV2 state dict (features.0.0.weight, "
+                       "classifier.1.weight); export other torch models as an ExportedProgram (.pt2)")
+    task = _check_task(task, IMAGE_TASK, "a MobileNetV2")
+    expansions = [expand for expand, _, repeats, _ in SETTINGS for _ in range(repeats)]
+    depthwise = [f"features.{i}.conv.{0 if expand == 1 else 1}.0.weight" for i, expand in enumerate(expansions, 1)]
+    if missing := [k for k in depthwise if k not in state]:
+        raise _malformed(f"the MobileNetV2 state dict lacks {missing[0]}")
+    model = MobileNetV2(classes=state["classifier.1.weight"].shape[0], hidden=[state[k].shape[0] for k in depthwise])
+    _assign(model, dict(state), "the MobileNetV2 state dict")
+    return write_module_dir(model.eval(), out_dir, architecture="mobilenet_v2", task=task,
+                            input={"image": {"channels": 3, "size": 224, **_imagenet()}, "names": ["images"]},
+                            source={"format": "torchvision_state_dict", "file": path.name, "sha256": _sha256(path)},
+                            check=True)
+
+
+def _import_onnx(path: Path, out_dir: Path, task: str, source: dict) -> ModuleDir:
+    import onnx
+    from google.protobuf.message import DecodeError
+    try:
+        model = onnx.load_model(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError) as error:
+        raise _unknown(f"starts like an ONNX model but does not parse: {error}") from error
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        raise _unknown("the ONNX model keeps its weights in external data files; upload one .onnx with the weights "
+                       "inside (onnx.save_model(..., save_as_external_data=False))")
+    initializers = {t.name: t for t in model.graph.initializer}
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
+    inputs = [(i.name, [d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim],
+               torch.float32 if i.type.tensor_type.elem_type in floats else torch.int64)
+              for i in model.graph.input if i.name not in initializers]
+    vocab = next((initializers[n.input[0]].dims[0] for n in model.graph.node if n.op_type == "Gather"
+                  and list(n.input[1:2]) == ["input_ids"] and n.input[0] in initializers), None)
+    spec, files = _input_spec(task, inputs, vocab)
+    if files:
+        source["tokenizer"] = ADDED_TOKENIZER
+    source.update(opset=max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0),
+                  producer=f"{model.producer_name} {model.producer_version}".strip())
+    return write_module_dir(model, out_dir, architecture="onnx", task=task, input=spec, source=source, structure={},
+                            files=files, check=True)
+
+
+def _import_program(path: Path, out_dir: Path, task: str, source: dict) -> ModuleDir:
+    program = _read_program(path)
+    vocab = next((v.shape[0] for k, v in program.state_dict.items() if k.endswith("word_embeddings.weight")), None)
+    spec, files = _input_spec(task, _program_inputs(program), vocab)
+    if files:
+        source["tokenizer"] = ADDED_TOKENIZER
+    return write_module_dir(None, out_dir, architecture="exported_program", task=task, input=spec, source=source,
+                            structure={}, files={PROGRAM: path, **files}, check=True)
+
+
+def _read_program(path: Path):
+    try:
+        return torch.export.load(str(path))
+    except Exception as error:          # torch.export.load raises many unrelated types on a foreign archive
+        raise _unknown(f"{path.name} is not an ExportedProgram torch {torch.__version__} reads: "
+                       f"{type(error).__name__}: {str(error)[:200]}") from error
+
+
+def _program_inputs(program) -> list[tuple[str, list[int | None], torch.dtype]]:
+    """(name, shape with None for a dynamic dimension, dtype) of each user input, in call order."""
+    user = list(program.graph_signature.user_inputs)
+    values = {n.name: n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder"}
+    out = []
+    for name in user:
+        value = values.get(name)
+        if not isinstance(value, torch.Tensor):
+            raise FailedPrecondition(f"ExportedProgram input {name} is not a tensor", reason="UNSUPPORTED_ARCH",
+                                     field="model")
+        out.append((name, [d if isinstance(d, int) else None for d in value.shape], value.dtype))
+    return out
+
+
+def _synthetic_input(shape: list[int | None], dtype: torch.dtype) -> torch.Tensor:
+    concrete = [EXAMPLE_BATCH if i == 0 and size is None else (size or 8) for i, size in enumerate(shape)]
+    if dtype.is_floating_point:
+        return torch.randn(concrete, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    return torch.ones(concrete, dtype=dtype)
+
+
+def _imagenet() -> dict[str, list[float]]:
+    from shared.models.vision import MEAN, STD
+    return {"mean": [round(float(v), 6) for v in MEAN], "std": [round(float(v), 6) for v in STD]}
+
+
+def _axis_name(index: int) -> str:
+    return "batch" if index == 0 else "tokens" if index == 1 else f"dim{index}"
+
+
+def _input_spec(task: str, inputs: list[tuple[str, list[int | None], torch.dtype]],
+                vocab: int | None) -> tuple[dict, dict[str, Path]]:
+    """The manifest's input entry for a graph's inputs, and the files it needs (a tokenizer)."""
+    described = ", ".join(f"{name} {str(dtype).removeprefix('torch.')} {['?' if d is None else d for d in shape]}"
+                          for name, shape, dtype in inputs)
+    if task == IMAGE_TASK:
+        if len(inputs) != 1 or len(inputs[0][1]) != 4 or not inputs[0][2].is_floating_point:
+            raise InvalidArgument(f"an image classifier takes one float (N, C, H, W) input; this model takes "
+                                  f"{described}", field="task")
+        name, (_, c, h, w), _ = inputs[0]
+        layout, channels, (height, width) = ("NCHW", c, (h, w)) if c in (1, 3) else ("NHWC", w, (c, h))
+        if channels not in (1, 3) or height != width:
+            raise FailedPrecondition(f"image input {name} {['?' if d is None else d for d in inputs[0][1]]}: "
+                                     "expected 1 or 3 channels and a square image", reason="UNSUPPORTED_ARCH",
+                                     field="model")
+        normalisation = _imagenet() if channels == 3 else {"mean": [0.0], "std": [1.0]}    # ImageNet's, or [0, 1]
+        image = {"channels": channels, "size": height or DEFAULT_IMAGE_SIZE, **normalisation}
+        return {"image": {**image, **({"layout": layout} if layout == "NHWC" else {})}, "names": [name]}, {}
+    names = [name for name, _, _ in inputs]
+    if not ({"input_ids", "attention_mask"} <= set(names) <= set(TEXT_INPUTS)) or \
+            any(len(shape) != 2 or dtype.is_floating_point for _, shape, dtype in inputs):
+        raise InvalidArgument(f"a text encoder takes integer (N, T) inputs input_ids and attention_mask (and "
+                              f"optionally token_type_ids); this model takes {described}", field="task")
+    return _text_spec(names, inputs[names.index("input_ids")][1][1], vocab)
+
+
+def _text_spec(names: list[str], length: int | None, vocab: int | None) -> tuple[dict, dict[str, Path]]:
+    """A graph without a tokenizer gets the BERT uncased WordPiece vocabulary of all-MiniLM-L6-v2 (the
+    vocabulary of the BERT/MiniLM family), after checking that its size matches the embedding table."""
+    from tokenizers import Tokenizer
+
+    from shared.models.encoder import minilm_dir
+    directory = minilm_dir()
+    size = Tokenizer.from_file(str(directory / "tokenizer.json")).get_vocab_size()
+    if vocab is not None and vocab != size:
+        raise FailedPrecondition(f"the model's token embedding has {vocab} rows, edgeforge's WordPiece tokenizer "
+                                 f"{size}: upload a module bundle with the model's own tokenizer.json",
+                                 reason="UNSUPPORTED_ARCH", field="model")
+    text = {"max_tokens": length or DEFAULT_MAX_TOKENS, **({"length": length} if length else {})}
+    files = {name: directory / name for name in TOKENIZER_FILES if (directory / name).is_file()}
+    return {"text": text, "names": names}, files
