@@ -98,3 +98,26 @@ def test_image_classifier_spec_errors(coordinator, small_cnn, candidates, field)
     from shared.grpc_status import error_details
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error_details(caught.value)[1].get("field") == field, caught.value.details()
+
+
+def test_text_encoder_build_on_minilm(coordinator, agent, assets):  # noqa: F811
+    """The real all-MiniLM-L6-v2 directory, as a user uploads it: INT8 keeps cosine similarity ≥ 0.99."""
+    from shared.models.encoder import minilm_dir
+    raw = {"name": "minilm", "model": {"path": str(minilm_dir()), "task": "text-embedding"},
+           "calibration": {"file": str(assets / "sentences-calibration.json"), "samples": 32},
+           "evaluation": {"file": str(assets / "sentences-evaluation.json"), "max_samples": 64},
+           "targets": [{"selector": {"device": "test-host"}}], "constraints": {"max_quality_loss_pct": 1},
+           "objective": "smallest", "benchmark": BENCH,
+           "candidates": [{"format": "onnx", "quantization": {"bits": 8, "granularity": "per_channel"}},
+                          {"format": "onnx", "steps": [{"prune": {"method": "wanda", "sparsity": 0.3}},
+                                                       {"quantize": {"bits": 8, "granularity": "per_channel"}}]}]}
+    _, build = run_build(coordinator, spec_file.parse(raw, assets), 900)
+    assert build.state == coordinator_pb2.BUILD_STATE_SUCCEEDED, build.error
+    assert build.baseline.metric == "cosine_similarity" and abs(build.baseline.value - 1) < 1e-4
+    int8, wanda = build.candidates
+    assert not int8.HasField("error") and not wanda.HasField("error"), (int8.error, wanda.error)
+    assert int8.quality.value >= 0.99 and int8.quality.delta_pct <= 1
+    assert "wordsim_spearman" in int8.quality.metrics
+    assert wanda.steps[1].sparsity > 0.25 and wanda.quality.value < int8.quality.value
+    (device,) = build.devices
+    assert device.chosen_candidate == int8.id                          # wanda 30% loses more than 1 %
