@@ -40,11 +40,17 @@ _ITEMSIZE = {name: np.dtype(dtype).itemsize for name, dtype in _NUMPY.items()}
 
 def pack(directory: Path, out: Path) -> None:
     """Writes `directory`'s top-level files into an uncompressed, deterministic tar at `out`."""
-    files = sorted(p for p in directory.iterdir() if p.is_file() and p.name.endswith(_ALLOWED_SUFFIXES)
-                   and _MEMBER_NAME.match(p.name))           # exactly what unpack() accepts back
-    if not any(p.name == "config.json" for p in files):
+    if not (directory / "config.json").is_file():
         raise InvalidArgument(f"{directory} has no config.json; not an HF model directory",
                               reason="UNKNOWN_MODEL_FORMAT", field="model.path")
+    pack_files(directory, out, _ALLOWED_SUFFIXES)
+
+
+def pack_files(directory: Path, out: Path, suffixes: tuple[str, ...]) -> None:
+    """The flat tar every model bundle is: top-level files ending in `suffixes`, sorted, mtime 0, so the
+    same directory always has the same digest."""
+    files = sorted(p for p in directory.iterdir() if p.is_file() and p.name.endswith(suffixes)
+                   and _MEMBER_NAME.match(p.name))           # exactly what unpack() accepts back
     with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tar:
         for path in files:
             info = tarfile.TarInfo(path.name)
@@ -59,8 +65,10 @@ def is_bundle(path: Path) -> bool:
     return tarfile.is_tarfile(path)
 
 
-def unpack(archive: Path, destination: Path) -> Path:
-    """Extracts a bundle into `destination` atomically (temp dir + rename). Returns `destination`."""
+def unpack(archive: Path, destination: Path, suffixes: tuple[str, ...] = _ALLOWED_SUFFIXES,
+           required: str | None = "config.json") -> Path:
+    """Extracts a bundle into `destination` atomically (temp dir + rename): plain files with simple names
+    ending in `suffixes` only, and `required` among them. Returns `destination`."""
     if destination.is_dir():
         return destination
     destination.parent.mkdir(parents=True, exist_ok=True)
@@ -69,14 +77,15 @@ def unpack(archive: Path, destination: Path) -> Path:
         with tarfile.open(archive, "r:") as tar:
             for member in tar:
                 if not member.isfile() or not _MEMBER_NAME.match(member.name) or \
-                        not member.name.endswith(_ALLOWED_SUFFIXES):
-                    raise InvalidArgument(f"model bundle member {member.name[:100]!r} is not a plain file with "
-                                          "a simple name; refused", reason="MALFORMED_MODEL", field="model")
+                        not member.name.endswith(suffixes):
+                    raise InvalidArgument(f"model bundle member {member.name[:100]!r} is not a plain file with a "
+                                          f"simple name ending in one of {list(suffixes)}; refused",
+                                          reason="MALFORMED_MODEL", field="model")
                 source = tar.extractfile(member)
                 with open(staging / member.name, "wb") as out:
                     shutil.copyfileobj(source, out, 1 << 20)
-        if not (staging / "config.json").is_file():
-            raise InvalidArgument("model bundle has no config.json", reason="UNKNOWN_MODEL_FORMAT", field="model")
+        if required and not (staging / required).is_file():
+            raise InvalidArgument(f"model bundle has no {required}", reason="UNKNOWN_MODEL_FORMAT", field="model")
         os.replace(staging, destination)
     except tarfile.TarError as error:
         raise InvalidArgument(f"model bundle is not a readable tar: {error}", reason="MALFORMED_MODEL",

@@ -28,10 +28,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import os
-import re
 import shutil
 import tarfile
 import tempfile
@@ -44,7 +42,9 @@ import torch
 from torch import nn
 
 from shared.errors import FailedPrecondition, InvalidArgument
+from shared.models import bundle
 from shared.models.module_data import Samples, fit_image
+from shared.store.blobs import sha256_file
 
 MANIFEST = "edgeforge-module.json"
 FORMAT, VERSION = "edgeforge-module", 1
@@ -63,7 +63,6 @@ DEFAULT_MAX_TOKENS = 128             # tokens per sentence when the model does n
 DEFAULT_IMAGE_SIZE = 224             # pixels per side of an image input whose size is dynamic
 ADDED_TOKENIZER = "all-MiniLM-L6-v2's WordPiece (BERT uncased vocabulary), added at import"
 EXAMPLE_BATCH = 2                    # example inputs hold two samples, so exporters keep the batch dynamic
-_MEMBER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SUFFIXES = (".json", ".safetensors", ".txt", ".model", ".onnx", ".pt2")
 _LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"   # torch.save before 1.6
 
@@ -427,41 +426,13 @@ def _check_same_shapes(module: nn.Module, like: ModuleDir) -> None:
 def pack(directory: Path, out: Path) -> None:
     """Writes module directory `directory` as a deterministic, uncompressed flat tar."""
     ModuleDir(directory)
-    files = sorted(p for p in Path(directory).iterdir() if p.is_file() and _MEMBER_NAME.match(p.name)
-                   and p.name.endswith(_SUFFIXES))
-    with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tar:
-        for path in files:
-            info = tarfile.TarInfo(path.name)
-            info.size, info.mode, info.mtime = path.stat().st_size, 0o644, 0
-            with open(path, "rb") as f:
-                tar.addfile(info, f)
+    bundle.pack_files(Path(directory), out, _SUFFIXES)
 
 
 def unpack(archive: Path, destination: Path) -> Path:
     """Extracts a flat model tar (a module bundle or an HF directory's bundle) into `destination`
     atomically; plain files with simple names only. Returns `destination`."""
-    if destination.is_dir():
-        return destination
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=destination.parent, prefix=".unpack-"))
-    try:
-        with tarfile.open(archive, "r:") as tar:
-            for member in tar:
-                if not member.isfile() or not _MEMBER_NAME.match(member.name) or \
-                        not member.name.endswith(_SUFFIXES):
-                    raise InvalidArgument(f"model bundle member {member.name[:100]!r} is not a plain file with a "
-                                          f"simple name ending in one of {list(_SUFFIXES)}; refused",
-                                          reason="MALFORMED_MODEL", field="model")
-                with tar.extractfile(member) as source, open(staging / member.name, "wb") as out:
-                    shutil.copyfileobj(source, out, 1 << 20)
-        os.replace(staging, destination)
-    except tarfile.TarError as error:
-        raise InvalidArgument(f"model bundle is not a readable tar: {error}", reason="MALFORMED_MODEL",
-                              field="model") from error
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-    return destination
+    return bundle.unpack(archive, destination, _SUFFIXES, required=None)
 
 
 def tar_family(archive: Path) -> str | None:
@@ -519,7 +490,7 @@ def import_source(path: Path, out_dir: Path, task: str | None) -> ModuleDir | No
         what = "an ONNX file" if kind == "onnx" else "an ExportedProgram"
         raise InvalidArgument(f"{what} does not say what it computes: task is required ({' or '.join(TASKS)})",
                               field="task")
-    source = {"format": kind, "file": path.name, "sha256": _sha256(path)}
+    source = {"format": kind, "file": path.name, "sha256": sha256_file(path)}
     if kind == "onnx":
         return _import_onnx(path, out_dir, task, source)
     return _import_program(path, out_dir, task, source)
@@ -540,14 +511,6 @@ def _sniff(path: Path) -> str | None:
         return "state_dict"
     # ONNX ModelProto serialises field 1 (ir_version, a varint) first: tag byte 0x08.
     return "onnx" if head[:1] == b"\x08" else None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _check_task(task: str | None, expected: str, what: str) -> str:
@@ -602,7 +565,7 @@ def _import_state_dict(path: Path, out_dir: Path, task: str | None) -> ModuleDir
     _assign(model, dict(state), "the MobileNetV2 state dict")
     return write_module_dir(model.eval(), out_dir, architecture="mobilenet_v2", task=task,
                             input={"image": {"channels": 3, "size": 224, **_imagenet()}, "names": ["images"]},
-                            source={"format": "torchvision_state_dict", "file": path.name, "sha256": _sha256(path)},
+                            source={"format": "torchvision_state_dict", "file": path.name, "sha256": sha256_file(path)},
                             check=True)
 
 
