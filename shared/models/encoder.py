@@ -56,21 +56,30 @@ class BertConfig:
 
 
 class BertLayer(nn.Module):
-    def __init__(self, config: BertConfig):
+    """One post-LayerNorm block. `heads` and `intermediate` default to the config's; structured
+    pruning keeps fewer (head_dim stays hidden_size / num_attention_heads)."""
+
+    def __init__(self, config: BertConfig, intermediate: int | None = None, heads: int | None = None):
         super().__init__()
         d = config.hidden_size
-        self.heads = config.num_attention_heads
+        self.head_dim = d // config.num_attention_heads
+        self.heads = config.num_attention_heads if heads is None else heads
+        self.intermediate_size = config.intermediate_size if intermediate is None else intermediate
+        if not 1 <= self.heads <= config.num_attention_heads or self.intermediate_size < 1:
+            raise InvalidArgument(f"a layer needs 1–{config.num_attention_heads} heads and at least one neuron, "
+                                  f"got {self.heads} and {self.intermediate_size}", field="structure")
+        inner = self.heads * self.head_dim
         self.attention = nn.Module()
         self.attention.self = nn.Module()
         self.attention.self.query, self.attention.self.key, self.attention.self.value = \
-            nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+            nn.Linear(d, inner), nn.Linear(d, inner), nn.Linear(d, inner)
         self.attention.output = nn.Module()
-        self.attention.output.dense = nn.Linear(d, d)
+        self.attention.output.dense = nn.Linear(inner, d)
         self.attention.output.LayerNorm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.intermediate = nn.Module()
-        self.intermediate.dense = nn.Linear(d, config.intermediate_size)
+        self.intermediate.dense = nn.Linear(d, self.intermediate_size)
         self.output = nn.Module()
-        self.output.dense = nn.Linear(config.intermediate_size, d)
+        self.output.dense = nn.Linear(self.intermediate_size, d)
         self.output.LayerNorm = nn.LayerNorm(d, eps=config.layer_norm_eps)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -78,20 +87,28 @@ class BertLayer(nn.Module):
         attn = self.attention.self
 
         def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.view(B, T, self.heads, d // self.heads).transpose(1, 2)
+            return t.view(B, T, self.heads, self.head_dim).transpose(1, 2)
         q, k, v = heads(attn.query(x)), heads(attn.key(x)), heads(attn.value(x))
-        scores = q @ k.transpose(-1, -2) / (d // self.heads) ** 0.5 + bias          # (B, H, T, T)
-        y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, d)
+        scores = q @ k.transpose(-1, -2) / self.head_dim ** 0.5 + bias               # (B, H, T, T)
+        y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, self.heads * self.head_dim)
         x = self.attention.output.LayerNorm(x + self.attention.output.dense(y))
         h = nn.functional.gelu(self.intermediate.dense(x))
         return self.output.LayerNorm(x + self.output.dense(h))
 
 
 class SentenceEncoder(nn.Module):
-    """(input_ids, attention_mask) int64 (B, T) -> L2-normalised sentence embeddings (B, hidden)."""
+    """(input_ids, attention_mask) int64 (B, T) -> L2-normalised sentence embeddings (B, hidden).
 
-    def __init__(self, config: BertConfig):
+    intermediate, heads: per layer, the MLP width and attention heads kept by structured pruning;
+    None is the config's (the checkpoint's) architecture."""
+
+    def __init__(self, config: BertConfig, intermediate: list[int] | None = None, heads: list[int] | None = None):
         super().__init__()
+        layers = config.num_hidden_layers
+        for name, value in (("intermediate", intermediate), ("heads", heads)):
+            if value is not None and len(value) != layers:
+                raise InvalidArgument(f"structure.{name} must list {layers} values, one per layer, got {len(value)}",
+                                      field=f"structure.{name}")
         self.config = config
         d = config.hidden_size
         self.embeddings = nn.Module()
@@ -100,7 +117,14 @@ class SentenceEncoder(nn.Module):
         self.embeddings.token_type_embeddings = nn.Embedding(config.type_vocab_size, d)
         self.embeddings.LayerNorm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.encoder = nn.Module()
-        self.encoder.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
+        self.encoder.layer = nn.ModuleList(
+            BertLayer(config, None if intermediate is None else int(intermediate[i]),
+                      None if heads is None else int(heads[i])) for i in range(layers))
+
+    def structure(self) -> dict:
+        """Per-layer widths that, with the config, rebuild this architecture (JSON-serialisable)."""
+        return {"intermediate": [layer.intermediate_size for layer in self.encoder.layer],
+                "heads": [layer.heads for layer in self.encoder.layer]}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         T = input_ids.shape[1]

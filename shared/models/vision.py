@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from shared.errors import FailedPrecondition
+from shared.errors import FailedPrecondition, InvalidArgument
 
 # (expansion t, output channels c, repeats n, first stride s), MobileNetV2 paper table 2.
 SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
@@ -38,9 +38,15 @@ def conv_bn_relu(inputs: int, outputs: int, kernel: int = 3, stride: int = 1, gr
 
 
 class InvertedResidual(nn.Module):
-    def __init__(self, inputs: int, outputs: int, stride: int, expand: int):
+    """1×1 expansion to `hidden` channels (absent when expand = 1), 3×3 depthwise, 1×1 projection."""
+
+    def __init__(self, inputs: int, outputs: int, stride: int, expand: int, hidden: int | None = None):
         super().__init__()
-        hidden = inputs * expand
+        hidden = inputs * expand if hidden is None else hidden        # a pruned block is narrower
+        if expand == 1 and hidden != inputs:
+            raise InvalidArgument(f"a block without expansion has {inputs} hidden channels, not {hidden}",
+                                  field="structure.hidden")
+        self.hidden = hidden
         self.use_residual = stride == 1 and inputs == outputs
         layers: list[nn.Module] = [conv_bn_relu(inputs, hidden, kernel=1)] if expand != 1 else []
         layers += [conv_bn_relu(hidden, hidden, stride=stride, groups=hidden),
@@ -51,20 +57,46 @@ class InvertedResidual(nn.Module):
         return x + self.conv(x) if self.use_residual else self.conv(x)
 
 
-class MobileNetV2(nn.Module):
-    """Input (B, 3, 224, 224) normalised RGB -> ImageNet logits (B, 1000)."""
+def default_hidden() -> list[int]:
+    """Expanded width of each of the 17 inverted-residual blocks of the standard architecture."""
+    widths, channels = [], 32
+    for expand, outputs, repeats, _ in SETTINGS:
+        for _ in range(repeats):
+            widths.append(channels * expand)
+            channels = outputs
+    return widths
 
-    def __init__(self, classes: int = 1000):
+
+class MobileNetV2(nn.Module):
+    """Input (B, 3, 224, 224) normalised RGB -> ImageNet logits (B, `classes`).
+
+    hidden: the expanded width of each inverted-residual block (structured pruning narrows them);
+    None is the standard architecture, whose checkpoint loads with strict=True."""
+
+    def __init__(self, classes: int = 1000, hidden: list[int] | None = None):
         super().__init__()
+        standard = default_hidden()
+        hidden = standard if hidden is None else [int(h) for h in hidden]
+        if len(hidden) != len(standard) or min(hidden) < 1:
+            raise InvalidArgument(f"structure.hidden must list {len(standard)} positive widths, got {len(hidden)}",
+                                  field="structure.hidden")
+        self.classes = classes
         layers: list[nn.Module] = [conv_bn_relu(3, 32, stride=2)]
-        channels = 32
+        channels, widths = 32, iter(hidden)
         for expand, outputs, repeats, stride in SETTINGS:
             for i in range(repeats):
-                layers.append(InvertedResidual(channels, outputs, stride if i == 0 else 1, expand))
+                layers.append(InvertedResidual(channels, outputs, stride if i == 0 else 1, expand, next(widths)))
                 channels = outputs
         layers.append(conv_bn_relu(channels, 1280, kernel=1))
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(1280, classes))
+
+    def blocks(self) -> list[InvertedResidual]:
+        return [layer for layer in self.features if isinstance(layer, InvertedResidual)]
+
+    def structure(self) -> dict:
+        """The constructor arguments that rebuild this architecture (JSON-serialisable)."""
+        return {"classes": self.classes, "hidden": [block.hidden for block in self.blocks()]}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = nn.functional.adaptive_avg_pool2d(self.features(x), 1)

@@ -1,0 +1,1 @@
+"""Training-time compression: the fine-tuning loop, QAT, distillation and iterative magnitude pruning."""
