@@ -82,6 +82,46 @@ def _set_weight(linear: torch.nn.Linear, value: torch.Tensor) -> None:
     linear.weight.data = value.to(linear.weight.dtype)
 
 
+@torch.inference_mode()
+def sequential_groups(config: DecoderConfig, block, hidden: torch.Tensor, cos, sin,
+                      process_group: Callable[[list[str], HessianAccumulator], None]) -> torch.Tensor:
+    """Walks one block's linears group by group in the block's own order — q/k/v (sharing the normed
+    input), o, gate/up, down — calling `process_group(names, statistics)` with each group's input
+    statistics gathered through the groups already processed ("true sequential": GPTQ quantizes, SparseGPT
+    and Wanda prune). Returns the block's outputs through the processed weights."""
+    attn, mlp = block.self_attn, block.mlp
+    parts = list(blockwise.batches(hidden.shape[0]))
+    device = hidden.device
+    acc = HessianAccumulator(config.hidden_size, device)
+    for part in parts:
+        acc.add(block.input_layernorm(hidden[part]))
+    process_group(["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], acc)
+    y = torch.empty(hidden.shape[:2] + (attn.heads * attn.head_dim,), device=device)   # (S, T, heads·hd)
+    acc = HessianAccumulator(y.shape[-1], device)
+    for part in parts:
+        y[part] = attention_core(attn, block.input_layernorm(hidden[part]), cos, sin)
+        acc.add(y[part])
+    process_group(["self_attn.o_proj"], acc)
+    h2 = torch.empty_like(hidden)
+    acc = HessianAccumulator(config.hidden_size, device)
+    for part in parts:
+        h2[part] = hidden[part] + attn.o_proj(y[part])
+        acc.add(block.post_attention_layernorm(h2[part]))
+    del y
+    process_group(["mlp.gate_proj", "mlp.up_proj"], acc)
+    activations = torch.empty(hidden.shape[:2] + (config.intermediate_size,), device=device)   # (S, T, ffn)
+    acc = HessianAccumulator(config.intermediate_size, device)
+    for part in parts:
+        x2 = block.post_attention_layernorm(h2[part])
+        activations[part] = torch.nn.functional.silu(mlp.gate_proj(x2)) * mlp.up_proj(x2)
+        acc.add(activations[part])
+    process_group(["mlp.down_proj"], acc)
+    for part in parts:
+        h2[part] += mlp.down_proj(activations[part])
+    return h2
+
+
+
 class LayerwiseQuantizer:
     def __init__(self, model: ModelDir, grids: dict[str, Grid | None], steps: list[QuantizationConfig],
                  sequences: torch.Tensor, device: str | torch.device = "cpu",
@@ -125,12 +165,9 @@ class LayerwiseQuantizer:
                     options = dataclasses.replace(options, clip=False)   # for RTN would be its (wrong) target
                 report = awq_block(block, hidden, cos, sin, lambda n: self.grids[n], options, prefix)
                 self.report.awq[prefix] = dataclasses.asdict(report)
-        attn, mlp = block.self_attn, block.mlp
         propagate_float = self.final.method is not Method.GPTQ      # AWQ/RTN: the next block sees float outputs
         float_weights = {k: v.clone() for k, v in block.state_dict().items()} if propagate_float else None
         out: dict[str, object] = {}
-        parts = list(blockwise.batches(hidden.shape[0]))
-        device = self.device
 
         def quantize_group(suffixes: list[str], accumulator: HessianAccumulator | None) -> None:
             H = accumulator.hessian() if accumulator is not None else None
@@ -142,42 +179,14 @@ class LayerwiseQuantizer:
                 out[name] = tensor
                 _set_weight(linear, dequantized)
 
-        # q, k, v share the normed block input.
-        acc = HessianAccumulator(config.hidden_size, device)
-        for part in parts:
-            acc.add(block.input_layernorm(hidden[part]))
-        quantize_group(["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], acc)
-        # o_proj sees attention through the quantized q/k/v.
-        y = torch.empty(hidden.shape[:2] + (attn.heads * attn.head_dim,), device=device)
-        acc = HessianAccumulator(y.shape[-1], device)
-        for part in parts:
-            y[part] = attention_core(attn, block.input_layernorm(hidden[part]), cos, sin)
-            acc.add(y[part])
-        quantize_group(["self_attn.o_proj"], acc)
-        h2 = torch.empty_like(hidden)
-        acc = HessianAccumulator(config.hidden_size, device)
-        for part in parts:
-            h2[part] = hidden[part] + attn.o_proj(y[part])
-            acc.add(block.post_attention_layernorm(h2[part]))
-        del y
-        quantize_group(["mlp.gate_proj", "mlp.up_proj"], acc)
-        acc = HessianAccumulator(config.intermediate_size, device)
-        activations = torch.empty(hidden.shape[:2] + (config.intermediate_size,), device=device)
-        for part in parts:
-            x2 = block.post_attention_layernorm(h2[part])
-            activations[part] = torch.nn.functional.silu(mlp.gate_proj(x2)) * mlp.up_proj(x2)
-            acc.add(activations[part])
-        quantize_group(["mlp.down_proj"], acc)
+        h2 = sequential_groups(config, block, hidden, cos, sin, quantize_group)
         for name, parameter in block.named_parameters():     # norms (AWQ may have scaled them), qwen2's biases
             if f"{prefix}{name}" not in out:
                 out[f"{prefix}{name}"] = parameter.data.cpu().numpy().copy()
         if float_weights is not None:                   # AWQ/RTN: the next block sees the float block's outputs
-            del activations, h2
             block.load_state_dict(float_weights, assign=True)
             return out, blockwise.run_block(block, hidden, cos, sin)
-        for part in parts:                              # GPTQ: outputs through every quantized linear
-            h2[part] += mlp.down_proj(activations[part])
-        return out, h2
+        return out, h2                                  # GPTQ: outputs through every quantized linear
 
     # ------------------------------------------------------------------------------- whole model
     def tensors(self, order: list[str]) -> Iterator[tuple[str, np.ndarray | QuantizedTensor | GgufTensor]]:

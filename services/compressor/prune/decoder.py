@@ -23,12 +23,11 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from services.compressor.layerwise import HessianAccumulator
+from services.compressor.layerwise import HessianAccumulator, sequential_groups
 from services.compressor.prune.masks import (SCOPES, check_n_m, check_sparsity, magnitude_masks, n_m_mask,
                                              smallest_mask, sparsity_of)
 from services.compressor.prune.sparsegpt import PruneResult, sparsegpt
 from services.compressor.prune.wanda import wanda_mask
-from services.compressor.quant.awq import attention_core
 from services.compressor.quant.gptq import relative_output_error
 from shared.errors import FailedPrecondition, InvalidArgument
 from shared.models import blockwise
@@ -124,43 +123,6 @@ def _pruner(method: str, sparsity: float, n: int, m: int, masks: dict[str, torch
     return {"magnitude": magnitude, "wanda": wanda, "sparsegpt": sparse_gpt}[method]
 
 
-@torch.inference_mode()
-def _prune_block(config: DecoderConfig, block, hidden: torch.Tensor, cos, sin,
-                 prune_group: Callable[[list[str], HessianAccumulator], None]) -> torch.Tensor:
-    """Prunes one block's linears group by group, each group's statistics gathered through the
-    already-pruned groups before it. Returns the block's outputs through the pruned weights."""
-    attn, mlp = block.self_attn, block.mlp
-    parts = list(blockwise.batches(hidden.shape[0]))
-    device = hidden.device
-    acc = HessianAccumulator(config.hidden_size, device)
-    for part in parts:
-        acc.add(block.input_layernorm(hidden[part]))
-    prune_group(["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], acc)
-    y = torch.empty(hidden.shape[:2] + (attn.heads * attn.head_dim,), device=device)   # (S, T, heads·hd)
-    acc = HessianAccumulator(y.shape[-1], device)
-    for part in parts:
-        y[part] = attention_core(attn, block.input_layernorm(hidden[part]), cos, sin)
-        acc.add(y[part])
-    prune_group(["self_attn.o_proj"], acc)
-    h2 = torch.empty_like(hidden)
-    acc = HessianAccumulator(config.hidden_size, device)
-    for part in parts:
-        h2[part] = hidden[part] + attn.o_proj(y[part])
-        acc.add(block.post_attention_layernorm(h2[part]))
-    del y
-    prune_group(["mlp.gate_proj", "mlp.up_proj"], acc)
-    activations = torch.empty(hidden.shape[:2] + (config.intermediate_size,), device=device)   # (S, T, ffn)
-    acc = HessianAccumulator(config.intermediate_size, device)
-    for part in parts:
-        x2 = block.post_attention_layernorm(h2[part])
-        activations[part] = torch.nn.functional.silu(mlp.gate_proj(x2)) * mlp.up_proj(x2)
-        acc.add(activations[part])
-    prune_group(["mlp.down_proj"], acc)
-    for part in parts:
-        h2[part] += mlp.down_proj(activations[part])
-    return h2
-
-
 def _check_request(config: DecoderConfig, method: str, sparsity: float, n: int, m: int, scope: str,
                    sequences: torch.Tensor | None) -> None:
     if method not in METHODS:
@@ -232,7 +194,7 @@ def prune_decoder(model: ModelDir, *, method: str, sparsity: float = 0.5, n: int
                     result = prune(name, linear.weight.data.float(), acc)
                     linear.weight.data = result.weight.to(linear.weight.dtype)
                     out[name] = record(name, result)
-            state["hidden"] = _prune_block(config, layer, state["hidden"], cos, sin, prune_group)
+            state["hidden"] = sequential_groups(config, layer, state["hidden"], cos, sin, prune_group)
             for name, parameter in layer.named_parameters():
                 out.setdefault(prefix + name, parameter.data.cpu().numpy().copy())
             return out
