@@ -177,14 +177,14 @@ def sentences(text: str, count: int = SENTENCES) -> list[str]:
 
 def prepare_modules(out: Path) -> None:
     """The image classifiers, text encoder and their datasets (see the module docstring)."""
-    from shared.models import bundle, modules
+    from shared.models import bundle, module_import
     from shared.models.cnn import load_fashion_mnist
     from shared.models.encoder import minilm_dir
     from shared.models.module_data import save_images, save_sentences, wordsim353
     from shared.models.vision import imagenet_weights
 
     _atomic_file(out / "mobilenet_v2.tar",
-                 lambda p: _module_tar(p, lambda d: modules.import_source(imagenet_weights(), d, None)))
+                 lambda p: _module_tar(p, lambda d: module_import.import_source(imagenet_weights(), d, None)))
     _atomic_file(out / "minilm.tar", lambda p: bundle.pack(minilm_dir(), p))
     _atomic_file(out / "photos.npz", lambda p: save_images(p, photos()))
     for split, count in FASHION_MNIST_SAMPLES.items():

@@ -18,7 +18,7 @@ from shared.artifact_access import ArtifactAccess, open_model
 from shared.artifact_convert import artifact_to_proto
 from shared.errors import FailedPrecondition, InvalidArgument
 from shared.grpc_status import rpc
-from shared.models import bundle, modules
+from shared.models import bundle, module_import, modules
 from shared.models.bundle import ModelDir
 from shared.models.gguf_import import import_gguf, is_gguf
 from shared.quant import compressed
@@ -93,7 +93,7 @@ class CompressorServicer(compressor_pb2_grpc.CompressorServicer):
                     record = source
                 else:
                     unpacked = modules.unpack(path, work / "source") if family == "bert" else path
-                    module_dir = modules.import_source(unpacked, work / "module", task)
+                    module_dir = module_import.import_source(unpacked, work / "module", task)
                     if module_dir is None:
                         raise InvalidArgument(
                             f"source {name} ({source.display_name}) is not a model edgeforge imports: expected a "

@@ -16,7 +16,8 @@ from shared.models import modules
 from shared.models.cnn import SmallCNN, prune_channels
 from shared.models.encoder import BertConfig, SentenceEncoder, load_encoder, minilm_dir
 from shared.models.module_data import Samples
-from shared.models.modules import ModuleDir, import_source, save_module_dir, write_module_dir
+from shared.models.module_import import import_source
+from shared.models.modules import ModuleDir, save_module_dir, write_module_dir
 
 TEXTS = ["A man is playing a guitar.", "The stock market fell sharply today.", "Cats sleep a lot."]
 CNN_INPUT = {"image": {"channels": 1, "size": 28, "mean": [0.286], "std": [0.353]}, "names": ["images"]}
