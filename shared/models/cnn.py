@@ -150,7 +150,8 @@ class SmallCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for conv in self.convs:
-            x = F.max_pool2d(F.relu(conv(x)), 2)                       # (B, C, S/2, S/2)
+            # stride given explicitly: coremltools maps max_pool2d only with its stride argument present
+            x = F.max_pool2d(F.relu(conv(x)), 2, 2)                    # (B, C, S/2, S/2)
         return self.head(F.relu(self.fc(x.flatten(1))))
 
     def structure(self) -> dict:
