@@ -109,7 +109,8 @@ def minilm(work: Path, sentences: int) -> list[dict]:
     from services.exporter.base import ExportFormat
     from shared.models.encoder import minilm_dir
     from shared.models.module_data import Samples, wordsim353
-    from shared.models.modules import import_source, save_module_dir
+    from shared.models.module_import import import_source
+    from shared.models.modules import save_module_dir
     from shared.quant.grids import Granularity, Grid
     float_dir = import_source(minilm_dir(), work / "minilm", None)
     samples = Samples(sentences=wikipedia_sentences(sentences), word_pairs=wordsim353())
@@ -149,7 +150,8 @@ def mobilenet(work: Path) -> list[dict]:
     from services.exporter.base import ExportFormat
     from services.exporter.modules import grid_weights, with_weights
     from shared.models.module_data import Samples
-    from shared.models.modules import import_source, save_module_dir
+    from shared.models.module_import import import_source
+    from shared.models.modules import save_module_dir
     from shared.models.vision import imagenet_weights
     from shared.quant.grids import Granularity, Grid
     float_dir = import_source(imagenet_weights(), work / "mobilenet", None)

@@ -21,7 +21,8 @@ from shared.errors import FailedPrecondition, InvalidArgument
 from shared.models.cnn import SmallCNN
 from shared.models.encoder import BertConfig, SentenceEncoder, minilm_dir
 from shared.models.module_quality import runner
-from shared.models.modules import ModuleDir, import_source, write_module_dir
+from shared.models.module_import import import_source
+from shared.models.modules import ModuleDir, write_module_dir
 from shared.quant.grids import Granularity, Grid, Method, QuantizationConfig
 
 F32 = ExportOptions()

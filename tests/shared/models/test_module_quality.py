@@ -12,7 +12,8 @@ from shared.errors import FailedPrecondition, InvalidArgument
 from shared.models import module_quality as quality
 from shared.models.cnn import SmallCNN
 from shared.models.module_data import Samples
-from shared.models.modules import import_source, write_module_dir
+from shared.models.module_import import import_source
+from shared.models.modules import write_module_dir
 
 LOGITS = np.array([[2, 1, 0], [0, 3, 1], [1, 0, 5], [4, 4.5, 0]], np.float32)        # argmax 0, 1, 2, 1
 REFERENCE = np.array([[5, 0, 0], [0, 1, 0], [0, 0, 1], [1, 0, 0]], np.float32)       # argmax 0, 1, 2, 0
