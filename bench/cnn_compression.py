@@ -3,22 +3,31 @@
     OMP_NUM_THREADS=2 .venv/bin/python bench/cnn_compression.py [--threads 2] [--dataset fashion-mnist]
 
 The reference SmallCNN (channels 16, 32; hidden 64) is trained on Fashion-MNIST's 60,000 training
-images (`train_reference_cnn`, seed 0); every accuracy is top-1 on the 10,000 test images. Then:
+images (`train_reference_cnn`, seed 0); every accuracy is top-1 on the 10,000 test images. Every
+fine-tuning below is AdamW, batch 128, cosine-decayed learning rate (`services/compressor/train/loop.py`).
 
 1. Pruning, unstructured by |w| over every conv and linear weight (scope global by default). One-shot:
-   cut the reference to the sparsity, measured as is and after fine-tuning for the same number of
-   steps the iterative run spent up to that sparsity. Iterative (`iterative_prune`): the schedule
-   0.5, 0.7, 0.8, 0.9, 0.95 with `--finetune-steps` between cuts; each step is measured after its
-   fine-tuning. Masks are held during all fine-tuning, so the sparsities are exact.
-2. INT4: PTQ is the compressor's RTN of the reference (what the exporter writes); QAT fine-tunes the
-   reference with the same grid fake-quantized (STE) and finalizes onto the grid — the script checks that
-   RTN of the finalized weights reproduces them bit for bit. Control: float fine-tuning with the same
-   budget, then RTN, to separate what QAT's training alone buys. recovered = (QAT − PTQ) / (float − PTQ);
-   the issue asks for ≥ 0.5. Per channel and per tensor, symmetric minmax.
-3. Distillation: the student is the reference structurally pruned (`prune_channels`, 75 % of every
-   conv's channels and of the hidden neurons). From that same start it is trained with the KD loss
-   (α, T) or with cross-entropy on the labels alone, same steps, learning rate and batch order, for three
-   seeds (the batch order); mean and half-range (max − min)/2 over the seeds.
+   cut the reference to the sparsity, measured as is and after fine-tuning for as many steps as the
+   iterative run spent up to that sparsity. Iterative (`iterative_prune`): the schedule 0.5, 0.7, 0.8,
+   0.9, 0.95 with `--finetune-steps` between cuts, each step measured after its fine-tuning. Masks are
+   held during all fine-tuning, so the sparsities are exact.
+2. INT4 weights, symmetric minmax, per channel and per tensor. PTQ is the compressor's RTN of the
+   reference (what the exporter writes). QAT fine-tunes the reference with the same grid fake-quantized
+   (STE) and finalizes onto the grid; the script checks that RTN of the finalized weights reproduces them
+   bit for bit. recovered = (QAT − PTQ) / (float − PTQ), the issue asks for ≥ 0.5. Since QAT is also
+   extra training, a control fine-tunes the float reference with the same budget and quantizes it after:
+   recovered against it, (QAT − its PTQ) / (its float − its PTQ), is the stricter reading.
+3. Distillation: the student is the reference structurally pruned (`prune_channels`, 75 % of every conv's
+   channels and of the hidden neurons). From that same start it is trained with the KD loss or with
+   cross-entropy on the labels alone, same steps, learning rate and batch order, for three seeds (the
+   batch order; mean ± half-range (max − min)/2), on the whole training set and on its first 5,000
+   images (a training-dataset artifact of the size a pipeline step usually gets).
+   α = 1, T = 1 were chosen on held-out data, not on the test set: students trained on the first 55,000
+   (or 5,000, or 1,000) training images and scored on the last 5,000 (which the teacher had seen, the
+   students not; seed 0, 300 steps; α 1, T 1 best on two of the three, second on 1,000) gave labels-only
+   0.8594 / 0.8542 / 0.8484; KD α 1, T 1: 0.8628 / 0.8604 / 0.8546; α 0.5, T 2: 0.8596 / 0.8558 / 0.8564;
+   α 0.9, T 2: 0.8586 / 0.8556 / 0.8586; T 4 (α 0.5 / 0.9 / 0.9): 0.8532 / 0.8398 / 0.8462. The soft
+   targets of T ≥ 4, the seed's "T = 2-5", cost this 6,800-parameter student accuracy.
 Results: bench/results/cnn_compression.json.
 """
 from __future__ import annotations

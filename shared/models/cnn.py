@@ -76,7 +76,8 @@ def parse_idx(data: bytes, name: str = "IDX file") -> np.ndarray:
 
 def read_idx(path: Path) -> np.ndarray:
     """An IDX file, gzip-compressed when its name ends in .gz."""
-    raw = Path(path).read_bytes()
+    path = Path(path)
+    raw = path.read_bytes()
     if path.name.endswith(".gz"):
         try:
             raw = gzip.decompress(raw)
