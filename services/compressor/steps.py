@@ -31,6 +31,14 @@ TRAINING_DEFAULTS = {CAUSAL_LM: (4, 1e-5), IMAGE_CLASSIFICATION: (64, 1e-3), TEX
 MAX_TRAINING_STEPS = 100_000
 
 
+def quality_loss_pct(quality: common_pb2.Quality) -> float:
+    """Degradation versus `quality.baseline` in percent, positive = worse, for either direction of metric."""
+    if not quality.baseline:
+        return 0.0
+    change = quality.baseline - quality.value if quality.higher_is_better else quality.value - quality.baseline
+    return 100.0 * change / quality.baseline
+
+
 def task_name(task: int, field: str = "model.task") -> str:
     if task not in TASKS:
         raise InvalidArgument(f"{field} {task} is unknown; give causal-lm, image-classification or text-embedding",

@@ -31,7 +31,7 @@ import numpy as np
 
 from edgeforge.v1 import common_pb2
 from services.compressor.prune.sparse import sparse_size
-from services.compressor.steps import CAUSAL_LM, TransformStep, Training
+from services.compressor.steps import CAUSAL_LM, TransformStep, Training, quality_loss_pct
 from services.compressor.train.loop import TrainingConfig, resolve_device
 from shared.errors import FailedPrecondition, InvalidArgument
 
@@ -140,6 +140,8 @@ def run_transform(source: Path, steps: tuple[TransformStep, ...], data: Transfor
         seconds = time.perf_counter() - started
         size = runner.size(current)
         reports.append(step_report(index, step.kind, step.describe(), size, runner.quality(current), seconds, note))
+        reports[-1].quality.baseline = reports[0].quality.value
+        reports[-1].quality.delta_pct = quality_loss_pct(reports[-1].quality)
         log.info("transform step %d %s: sparsity %.3f, %d parameters, %s %.4f (%.1f s)", index, step.describe(),
                  size.sparsity, size.parameters, reports[-1].quality.metric, reports[-1].quality.value, seconds)
         if data.task == CAUSAL_LM:

@@ -14,7 +14,7 @@ import logging
 
 from edgeforge.v1 import calibrator_pb2, common_pb2, compressor_pb2, coordinator_pb2, exporter_pb2
 from services.calibrator.stats_file import VERSION as STATS_VERSION
-from services.compressor.steps import CAUSAL_LM, step_to_proto, task_name
+from services.compressor.steps import CAUSAL_LM, quality_loss_pct, step_to_proto, task_name
 from services.coordinator import benchmarks, steps as coordinator_steps
 from services.coordinator.context import CoordinatorContext
 from services.coordinator.spec import PlannedCandidate, plan
@@ -243,7 +243,7 @@ class BuildRunner:
                 return result
             quality = self.evaluate(result.artifact, candidate.format, source)
             quality.baseline = self.build.baseline.value
-            quality.delta_pct = coordinator_steps.delta_pct(quality)
+            quality.delta_pct = quality_loss_pct(quality)
             result.quality.CopyFrom(quality)
             if candidate.pipeline is not None:
                 result.steps.append(coordinator_steps.export_report(len(result.steps), candidate, result))

@@ -14,14 +14,6 @@ from shared.quant.grids import QuantizationConfig
 DENSE_FORMATS = ("gguf", "onnx", "tflite")
 
 
-def delta_pct(quality: common_pb2.Quality) -> float:
-    """Degradation versus the baseline in percent, positive = worse, for either direction of metric."""
-    if not quality.baseline:
-        return 0.0
-    change = quality.baseline - quality.value if quality.higher_is_better else quality.value - quality.baseline
-    return 100.0 * change / quality.baseline
-
-
 def quantize_report(index: int, config: QuantizationConfig,
                     response: compressor_pb2.CompressResponse) -> common_pb2.StepReport:
     return common_pb2.StepReport(
@@ -36,6 +28,9 @@ def export_report(index: int, candidate, result) -> common_pb2.StepReport:
     report = common_pb2.StepReport(
         index=index, kind="export", description=f"{candidate.format.value} {grid.name if grid else candidate.float_type}",
         stored_bytes=result.size_bytes, storage=f"{candidate.format.value} file")
+    if result.steps:                                   # the model the file holds: the last step's
+        report.parameter_count, report.dense_bytes = result.steps[-1].parameter_count, result.steps[-1].dense_bytes
+        report.nonzero_count = result.steps[-1].nonzero_count
     if result.HasField("quality"):
         report.quality.CopyFrom(result.quality)
     earlier = [step for step in result.steps if step.kind in ("prune", "distill", "qat")]
