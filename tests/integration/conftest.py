@@ -17,3 +17,23 @@ def coordinator(tmp_path):
     yield client
     client.close()
     server.stop(0).wait()
+
+
+@pytest.fixture
+def agent(coordinator, tmp_path):
+    """A real agent in a thread (its measurements are real processes), registered with `coordinator`."""
+    import threading
+    import time
+
+    from clients.agent.main import Agent, AgentConfig
+    worker = Agent(AgentConfig(coordinator.address, token=coordinator.agent_token, labels={"device": "test-host"},
+                               cache_dir=tmp_path / "agent", cache_max_bytes=1 << 30, lease_wait_ms=2000))
+    thread = threading.Thread(target=worker.run_forever, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not coordinator.list_devices() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    yield worker
+    worker.stop()
+    thread.join(timeout=30)
+    assert not thread.is_alive()

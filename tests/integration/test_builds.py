@@ -4,33 +4,16 @@ and AgentGateway RPCs' answers to bad input."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import grpc
 import pytest
 from status_checks import reason, rpc_code
 
-from clients.agent.main import Agent, AgentConfig
 from clients.python import spec as spec_file
 from clients.python.client import build_name
 from edgeforge.v1 import agent_pb2, common_pb2, coordinator_pb2
 from google.longrunning import operations_proto_pb2 as operations_pb2
-
-
-@pytest.fixture
-def agent(coordinator, tmp_path):
-    worker = Agent(AgentConfig(coordinator.address, token=coordinator.agent_token, labels={"device": "test-host"},
-                               cache_dir=tmp_path / "agent", cache_max_bytes=1 << 30, lease_wait_ms=2000))
-    thread = threading.Thread(target=worker.run_forever, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not coordinator.list_devices() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    yield worker
-    worker.stop()
-    thread.join(timeout=30)
-    assert not thread.is_alive()
 
 
 def tiny_spec(tiny_model_dir, assets, **overrides) -> spec_file.SpecFile:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_builds import agent, run_build, tiny_spec  # noqa: F401  (agent is a fixture)
+from test_builds import run_build, tiny_spec
 
 from clients.python import spec as spec_file
 from edgeforge.v1 import coordinator_pb2
@@ -15,7 +15,7 @@ from edgeforge.v1 import coordinator_pb2
 BENCH = {"warmup_runs": 1, "timed_runs": 2, "min_duration_ms": 0, "cooldown_ms": 0}
 
 
-def test_lm_pipelines_sparse_and_structured(coordinator, agent, tiny_model_dir, assets):  # noqa: F811
+def test_lm_pipelines_sparse_and_structured(coordinator, agent, tiny_model_dir, assets):
     candidates = [
         {"format": "gguf", "steps": [{"prune": {"method": "sparsegpt", "n": 2, "m": 4}},
                                      {"quantize": {"type": "q8_0"}}]},
@@ -58,7 +58,7 @@ def cnn_spec(small_cnn, candidates, **overrides) -> spec_file.SpecFile:
     return spec_file.parse(raw, directory.parent)
 
 
-def test_image_classifier_build(coordinator, agent, small_cnn):  # noqa: F811
+def test_image_classifier_build(coordinator, agent, small_cnn):
     candidates = [
         {"format": "onnx", "quantization": {"method": "none"}},
         {"format": "tflite", "quantization": {"bits": 8, "granularity": "per_channel"}},
@@ -100,7 +100,7 @@ def test_image_classifier_spec_errors(coordinator, small_cnn, candidates, field)
     assert error_details(caught.value)[1].get("field") == field, caught.value.details()
 
 
-def test_text_encoder_build_on_minilm(coordinator, agent, assets):  # noqa: F811
+def test_text_encoder_build_on_minilm(coordinator, agent, assets):
     """The real all-MiniLM-L6-v2 directory, as a user uploads it: INT8 keeps cosine similarity ≥ 0.99."""
     from shared.models.encoder import minilm_dir
     raw = {"name": "minilm", "model": {"path": str(minilm_dir()), "task": "text-embedding"},
