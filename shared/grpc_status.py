@@ -8,6 +8,7 @@ context.abort themselves. Clients read the details back with `error_details`.
 from __future__ import annotations
 
 import collections
+import errno
 import functools
 import logging
 
@@ -15,7 +16,7 @@ import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from shared.errors import EdgeforgeError
+from shared.errors import EdgeforgeError, ResourceExhausted
 
 log = logging.getLogger(__name__)
 DOMAIN = "edgeforge.dev"
@@ -39,18 +40,30 @@ def _abort(context: grpc.ServicerContext, error: EdgeforgeError) -> None:
                                       ((DETAILS_KEY, status.SerializeToString()),)))
 
 
+def _typed(name: str, error: Exception) -> EdgeforgeError:
+    """The error a handler's exception becomes on the wire: typed errors as they are, a full disk
+    (ENOSPC/EDQUOT, e.g. in a worker's scratch space) as RESOURCE_EXHAUSTED STORAGE_FULL, anything
+    else (a bug) as INTERNAL; the server keeps serving either way."""
+    if isinstance(error, EdgeforgeError):
+        log.info("%s -> %s %s: %s", name, error.code, error.reason, error.message)
+        return error
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        log.warning("%s: disk full: %s", name, error)
+        where = f" writing {error.filename}" if error.filename else ""
+        return ResourceExhausted(f"no space left on the device{where} ({error.strerror}); free space and retry",
+                                 reason="STORAGE_FULL")
+    log.exception("%s failed", name, exc_info=error)
+    return EdgeforgeError(f"internal error in {name}: {type(error).__name__}: {error}")
+
+
 def rpc(handler):
     """Decorates a servicer method: typed errors become rich statuses; surprises become INTERNAL."""
     @functools.wraps(handler)
     def wrapper(self, request, context):
         try:
             return handler(self, request, context)
-        except EdgeforgeError as error:
-            log.info("%s -> %s %s: %s", handler.__name__, error.code, error.reason, error.message)
-            _abort(context, error)
-        except Exception as error:   # a bug: report it as INTERNAL without killing the server
-            log.exception("%s failed", handler.__name__)
-            _abort(context, EdgeforgeError(f"internal error in {handler.__name__}: {type(error).__name__}: {error}"))
+        except Exception as error:
+            _abort(context, _typed(handler.__name__, error))
     return wrapper
 
 
@@ -60,12 +73,8 @@ def rpc_stream(handler):
     def wrapper(self, request, context):
         try:
             yield from handler(self, request, context)
-        except EdgeforgeError as error:
-            log.info("%s -> %s %s: %s", handler.__name__, error.code, error.reason, error.message)
-            _abort(context, error)
         except Exception as error:
-            log.exception("%s failed", handler.__name__)
-            _abort(context, EdgeforgeError(f"internal error in {handler.__name__}: {type(error).__name__}: {error}"))
+            _abort(context, _typed(handler.__name__, error))
     return wrapper
 
 

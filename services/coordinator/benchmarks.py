@@ -12,9 +12,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import tempfile
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from google.rpc import status_pb2
@@ -23,8 +21,8 @@ from edgeforge.v1 import agent_pb2, common_pb2, coordinator_pb2
 from services.coordinator import report, selectors
 from services.coordinator.selection import Budget, Measured, Objective, Status, select
 from services.coordinator.spec import effective_constraints
-from services.coordinator.state import CANCELLED, FAILED, SUCCEEDED
-from shared.errors import FailedPrecondition
+from services.coordinator.state import CANCELLED, FAILED, SUCCEEDED, digest
+from shared.errors import Cancelled, FailedPrecondition
 from shared.grpc_status import status_of
 from shared.store.records import ArtifactKind, Lineage, parse_artifact_name
 from shared.versions import tool_versions
@@ -112,12 +110,18 @@ def _no_runtime(pool: Pool, runtime: str, online: list[coordinator_pb2.Device]) 
 def run(runner: "BuildRunner", candidates) -> None:
     build, ctx = runner.build, runner.ctx
     runner.step(Stage.BUILD_STAGE_BENCHMARK, 70, "matching devices")
-    if not ctx.state.jobs_of_build(runner.build_id):                  # a resumed build keeps its jobs
+    # A resumed build keeps the jobs it has; when a crash interrupted this loop (no "all queued" mark),
+    # it queues only the (target, candidate) pairs left out: none is queued twice, none is lost.
+    all_queued = digest(["benchmark jobs queued", runner.build_id])
+    if ctx.state.memo_get(all_queued) is None:
+        queued = {(row["target"], row["candidate_id"]) for row in ctx.state.jobs_of_build(runner.build_id)}
+        ready = [c for c in build.candidates if not c.HasField("error")]
         pools = resolve_pools(runner)
         online = ctx.online_devices()
-        ready = [c for c in build.candidates if not c.HasField("error")]
         for pool in pools:
             for candidate in ready:
+                if (pool.name, candidate.id) in queued:
+                    continue
                 runtime = RUNTIME_OF_FORMAT.get(candidate.format, "")
                 job = agent_pb2.BenchmarkJob(build=build.name, candidate_id=candidate.id, format=candidate.format,
                                              artifact=candidate.artifact, sha256=parse_artifact_name(candidate.artifact),
@@ -130,13 +134,21 @@ def run(runner: "BuildRunner", candidates) -> None:
                 else:
                     ctx.scheduler.enqueue(runner.build_id, candidate.id, pool.pinned, job, selector=pool.selector,
                                           priority=build.spec.priority)
+        ctx.state.memo_put(all_queued, b"1")
     deadline = time.monotonic() + ctx.benchmark_timeout_s
+    reported = None
     while True:
         ctx.scheduler.expire_stale()
         rows = ctx.state.jobs_of_build(runner.build_id)
         finished = [r for r in rows if r["state"] in (SUCCEEDED, FAILED, CANCELLED)]
-        runner.step(Stage.BUILD_STAGE_BENCHMARK, 70 + 25 * len(finished) / max(len(rows), 1),
-                    f"measured {len(finished)} of {len(rows)} (target, candidate) pairs")
+        # Save progress (a commit that wakes every waiter) only when the count moved: with many builds
+        # waiting they would otherwise wake each other in a loop of commits (bench/load.py measured it).
+        if len(finished) != reported:
+            runner.step(Stage.BUILD_STAGE_BENCHMARK, 70 + 25 * len(finished) / max(len(rows), 1),
+                        f"measured {len(finished)} of {len(rows)} (target, candidate) pairs")
+            reported = len(finished)
+        elif ctx.state.load_build(runner.build_id)[3]:
+            raise Cancelled(f"build {build.name} was cancelled")
         if len(finished) == len(rows) or time.monotonic() >= deadline:
             break
         with ctx.changed:
@@ -216,7 +228,7 @@ def assemble(runner: "BuildRunner", rows) -> None:
 def write_reports(runner: "BuildRunner") -> None:
     build, store = runner.build, runner.ctx.store
     document = report.build_report(build)
-    scratch = Path(tempfile.mkdtemp(dir=store.blobs.tmp))
+    scratch = store.blobs.temp_dir()
     lineage = Lineage(tuple(c.artifact for c in build.candidates if c.artifact), {"build": build.name},
                       tool_versions(), "edgeforge.v1.Coordinator/CreateBuild")
     json_path = scratch / "report.json"

@@ -2,6 +2,12 @@
 candidate → benchmark on matching devices → select → report. Runs in its own thread; every step is
 saved, and work whose inputs were seen before is reused from the memo instead of being redone.
 
+After a coordinator restart the build runs again (its run number goes up): every stage finished before
+the kill is in the memo and is reused, not redone, so the build resumes from its last completed stage.
+The resumed run says so: in the progress message of each reused stage, in its final message ("done;
+resumed after a restart, reusing N finished stages: ..."), in the log, and per stage in
+CoordinatorState.stage_runs. Progress never goes backwards across the restart.
+
 Causal LMs are quantized by the compressor (Compress) and exported from the compressed model; image
 classifiers and encoders are quantized by the exporter (ExportRequest.quantization, RTN onto a generic
 grid). A candidate with prune/distill/qat steps first gets its own float model from Transform, and that
@@ -22,7 +28,7 @@ from services.coordinator.state import digest
 from services.exporter.base import ExportFormat
 from services.exporter.convert import format_to_proto, options_to_proto
 from shared.artifact_convert import struct
-from shared.errors import Cancelled, EdgeforgeError
+from shared.errors import Cancelled, EdgeforgeError, ResourceExhausted
 from shared.grpc_status import status_of
 from shared.quant.grids import Method
 from shared.quant.proto import quantization_to_proto
@@ -36,13 +42,19 @@ class BuildRunner:
     def __init__(self, build_id: str, ctx: CoordinatorContext):
         self.build_id, self.ctx = build_id, ctx
         self.build, self.progress, _, _ = ctx.state.load_build(build_id)
+        self.run_number = ctx.state.begin_run(build_id)
+        self.resumed = self.run_number > 1             # the coordinator restarted while this build ran
+        self.reused: list[str] = []                    # stages of a resumed run reused from before the restart
+        self.finished_before = {r["key"] for r in ctx.state.stage_runs(build_id)} if self.resumed else set()
 
     # ------------------------------------------------------------------ bookkeeping
     def step(self, stage: int, percent: float, message: str, candidate: str = "") -> None:
         _, _, _, cancel = self.ctx.state.load_build(self.build_id)
         if cancel:
             raise Cancelled(f"build {self.build.name} was cancelled")
-        self.progress.stage, self.progress.percent, self.progress.message = stage, percent, message
+        # A resumed build walks through its finished stages again (each a memo hit): progress never goes back.
+        self.progress.stage, self.progress.message = stage, message
+        self.progress.percent = max(percent, self.progress.percent)
         self.progress.candidate_id = candidate
         self.progress.update_time.GetCurrentTime()
         self.save(done=False)
@@ -54,16 +66,29 @@ class BuildRunner:
         self.ctx.notify()
 
     def memoized(self, stage: str, key_parts: list, call, response_cls, artifacts):
-        """Returns (response, reused). `artifacts(response)` lists the artifact names it depends on."""
+        """Returns (response, reused). `artifacts(response)` lists the artifact names it depends on; a memo
+        entry is reused only while each of them still has its row and its blob."""
         key = digest([stage, key_parts])
+        label = " ".join(filter(None, [stage, self.progress.candidate_id]))
         cached = self.ctx.state.memo_get(key)
         if cached is not None:
             response = response_cls.FromString(cached)
-            if all(self.ctx.store.exists(parse_artifact_name(name)) for name in artifacts(response)):
+            if all(self._stored(name) for name in artifacts(response)):
+                self.ctx.state.record_reuse(self.build_id, self.run_number, label, key)
+                if key in self.finished_before:
+                    self.reused.append(label)
+                    self.progress.message = f"{self.progress.message}: reused from before the restart"
+                    self.save(done=False)
+                    log.info("%s: %s reused from before the restart", self.build.name, label)
                 return response, True
         response = call()
-        self.ctx.state.memo_put(key, response.SerializeToString())
+        self.ctx.state.memo_put(key, response.SerializeToString(), build_id=self.build_id, run=self.run_number,
+                                stage=label)
         return response, False
+
+    def _stored(self, name: str) -> bool:
+        sha256 = parse_artifact_name(name)
+        return self.ctx.store.exists(sha256) and self.ctx.store.blobs.exists(sha256)
 
     # ------------------------------------------------------------------ the build
     def run(self) -> None:
@@ -71,6 +96,9 @@ class BuildRunner:
             self._run()
             self.build.state = coordinator_pb2.BUILD_STATE_SUCCEEDED
             self.progress.stage, self.progress.percent, self.progress.message = Stage.BUILD_STAGE_DONE, 100.0, "done"
+            if self.resumed:
+                self.progress.message += (f"; resumed after a restart, reusing {len(self.reused)} finished stages"
+                                          + (f": {', '.join(self.reused)}" if self.reused else ""))
         except Cancelled as error:
             self.ctx.scheduler.cancel_build(self.build_id)
             self.build.state = coordinator_pb2.BUILD_STATE_CANCELLED
@@ -88,7 +116,11 @@ class BuildRunner:
             self.build.error.CopyFrom(status_of(EdgeforgeError(f"internal error: {type(error).__name__}: {error}")))
             self.progress.message = "failed: internal error"
         self.progress.update_time.GetCurrentTime()
-        self.save(done=True)
+        try:
+            self.save(done=True)
+        except EdgeforgeError as error:     # e.g. the disk is full: the build stays unfinished on disk
+            log.error("%s: could not record its end (%s); it will run again when the coordinator restarts",
+                      self.build.name, error.message)
 
     def _run(self) -> None:
         spec, workers = self.build.spec, self.ctx.workers
@@ -249,6 +281,11 @@ class BuildRunner:
                 result.steps.append(coordinator_steps.export_report(len(result.steps), candidate, result))
         except Cancelled:
             raise
+        except ResourceExhausted as error:
+            if error.reason == "STORAGE_FULL":   # not this candidate's fault: every later stage would fail too
+                raise
+            log.warning("%s candidate %s failed: %s", self.build.name, candidate.id, error.message)
+            result.error.CopyFrom(status_of(error))
         except EdgeforgeError as error:
             log.warning("%s candidate %s failed: %s", self.build.name, candidate.id, error.message)
             result.error.CopyFrom(status_of(error))

@@ -10,6 +10,10 @@ accepted once per lease (idempotent by lease id); a result for a lapsed or cance
 refused with LEASE_EXPIRED. A device holds at most `slots` leases (default 1, so measurements never
 disturb each other): asking for work while at that limit abandons its oldest lease, which is what a
 restarted agent does.
+
+A coordinator that starts over an existing database gives every active lease one fresh TTL: its own
+downtime must not count against agents that kept measuring through it (their heartbeats and results
+resume on their own). A lease whose agent is gone too lapses after that TTL, as any other.
 """
 from __future__ import annotations
 
@@ -36,6 +40,14 @@ class Scheduler:
         self.lease_ttl_s, self.max_attempts = lease_ttl_s, max_attempts
         self._wakeup = threading.Condition()
         self._enqueued = 0                      # bumped by every enqueue, so a waiter never misses one
+        self.renew_active_leases()
+
+    def renew_active_leases(self, now: float | None = None) -> int:
+        """Extends every active lease to at least one TTL from `now` (at startup); returns how many."""
+        now = time.time() if now is None else now
+        with self.db.transaction() as conn:
+            return conn.execute("UPDATE leases SET expire_time = ? WHERE state = ? AND expire_time < ?",
+                                (now + self.lease_ttl_s, ACTIVE, now + self.lease_ttl_s)).rowcount
 
     def enqueue(self, build_id: str, candidate_id: str, device_id: str, job: agent_pb2.BenchmarkJob, *,
                 selector: dict[str, str] | None = None, priority: int = 0) -> str:

@@ -1,6 +1,10 @@
 """The coordinator's durable state in SQLite: builds (with their operation), memoised stage results,
 devices, and benchmark jobs with their leases. Protos are stored as serialized bytes; every
 change is one transaction, so a crash leaves either the old or the new state.
+
+Crash recovery: a build counts its runs (`begin_run`; run 2 and later are resumes after a restart), and
+`stage_runs` records, per run, every stage it ran or reused from the memo. A stage's memo entry and its
+"ran" record are one transaction, so after a kill -9 the finished stages are exactly the memoised ones.
 """
 from __future__ import annotations
 
@@ -18,8 +22,12 @@ SCHEMA = [
     """CREATE TABLE IF NOT EXISTS builds (
         id TEXT PRIMARY KEY, request_id TEXT UNIQUE, request_hash TEXT NOT NULL, build BLOB NOT NULL,
         progress BLOB NOT NULL, done INTEGER NOT NULL, cancel_requested INTEGER NOT NULL,
-        create_time REAL NOT NULL)""",
+        create_time REAL NOT NULL, runs INTEGER NOT NULL DEFAULT 0)""",
     """CREATE TABLE IF NOT EXISTS memo (key TEXT PRIMARY KEY, value BLOB NOT NULL, create_time REAL NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS stage_runs (
+        build_id TEXT NOT NULL, run INTEGER NOT NULL, stage TEXT NOT NULL, key TEXT NOT NULL,
+        reused INTEGER NOT NULL, create_time REAL NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS stage_runs_by_build ON stage_runs(build_id, run)",
     """CREATE TABLE IF NOT EXISTS devices (id TEXT PRIMARY KEY, device BLOB NOT NULL, last_heartbeat REAL NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS jobs (
         id TEXT PRIMARY KEY, build_id TEXT NOT NULL, candidate_id TEXT NOT NULL, device_id TEXT NOT NULL,
@@ -35,7 +43,8 @@ SCHEMA = [
 
 QUEUED, LEASED, SUCCEEDED, FAILED, CANCELLED = "QUEUED", "LEASED", "SUCCEEDED", "FAILED", "CANCELLED"
 # Columns added after the first release, for databases created before them: (table, column, declaration).
-ADDED_COLUMNS = [("jobs", "target", "TEXT NOT NULL DEFAULT ''"), ("jobs", "selector", "TEXT NOT NULL DEFAULT ''"),
+ADDED_COLUMNS = [("builds", "runs", "INTEGER NOT NULL DEFAULT 0"),
+                 ("jobs", "target", "TEXT NOT NULL DEFAULT ''"), ("jobs", "selector", "TEXT NOT NULL DEFAULT ''"),
                  ("jobs", "priority", "INTEGER NOT NULL DEFAULT 0"), ("jobs", "measured_by", "TEXT")]
 
 
@@ -67,7 +76,8 @@ class CoordinatorState:
                                             field="request_id")
                     return row["id"], False
             build_id = build.name.removeprefix("builds/")
-            conn.execute("INSERT INTO builds VALUES (?, ?, ?, ?, ?, 0, 0, ?)",
+            conn.execute("INSERT INTO builds (id, request_id, request_hash, build, progress, done, cancel_requested, "
+                         "create_time) VALUES (?, ?, ?, ?, ?, 0, 0, ?)",
                          (build_id, request_id or None, request_hash, build.SerializeToString(),
                           progress.SerializeToString(), time.time()))
         return build_id, True
@@ -93,6 +103,15 @@ class CoordinatorState:
     def unfinished_builds(self) -> list[str]:
         return [r["id"] for r in self.db.query("SELECT id FROM builds WHERE done = 0 ORDER BY create_time")]
 
+    def begin_run(self, build_id: str) -> int:
+        """Counts a new run of the build (1 the first time; more after restarts) and returns its number."""
+        with self.db.transaction() as conn:
+            conn.execute("UPDATE builds SET runs = runs + 1 WHERE id = ?", (build_id,))
+            row = conn.execute("SELECT runs FROM builds WHERE id = ?", (build_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"build builds/{build_id} does not exist")
+        return row["runs"]
+
     def request_cancel(self, build_id: str) -> None:
         self.load_build(build_id)
         with self.db.transaction() as conn:
@@ -101,6 +120,7 @@ class CoordinatorState:
     def delete_build(self, build_id: str) -> None:
         with self.db.transaction() as conn:
             conn.execute("DELETE FROM jobs WHERE build_id = ?", (build_id,))
+            conn.execute("DELETE FROM stage_runs WHERE build_id = ?", (build_id,))
             conn.execute("DELETE FROM builds WHERE id = ?", (build_id,))
 
     # ------------------------------------------------------------------ memo
@@ -108,9 +128,24 @@ class CoordinatorState:
         rows = self.db.query("SELECT value FROM memo WHERE key = ?", (key,))
         return rows[0]["value"] if rows else None
 
-    def memo_put(self, key: str, value: bytes) -> None:
+    def memo_put(self, key: str, value: bytes, *, build_id: str = "", run: int = 0, stage: str = "") -> None:
+        """Memoises a stage's result; with `build_id`, records in the same transaction that its run ran it."""
         with self.db.transaction() as conn:
             conn.execute("INSERT OR REPLACE INTO memo VALUES (?, ?, ?)", (key, value, time.time()))
+            if build_id:
+                conn.execute("INSERT INTO stage_runs VALUES (?, ?, ?, ?, 0, ?)",
+                             (build_id, run, stage, key, time.time()))
+
+    def record_reuse(self, build_id: str, run: int, stage: str, key: str) -> None:
+        """Records that the build's run took `stage`'s result from the memo instead of running it."""
+        with self.db.transaction() as conn:
+            conn.execute("INSERT INTO stage_runs VALUES (?, ?, ?, ?, 1, ?)", (build_id, run, stage, key, time.time()))
+
+    def stage_runs(self, build_id: str) -> list[dict]:
+        """Every stage the build ran or reused, in order: {run, stage, key, reused, create_time}."""
+        rows = self.db.query("SELECT run, stage, key, reused, create_time FROM stage_runs WHERE build_id = ? "
+                             "ORDER BY rowid", (build_id,))
+        return [dict(r) | {"reused": bool(r["reused"])} for r in rows]
 
     # ------------------------------------------------------------------ devices
     def upsert_device(self, device: coordinator_pb2.Device, now: float) -> None:

@@ -2,21 +2,33 @@
 
 Layout under `root`: `sha256/ab/<64 hex>` for blobs, `tmp/` for writes in progress. A blob
 becomes visible only by `rename` after its bytes are fsynced, so a reader never sees half a file.
+
+Temp entries are named `<pid>@<host>.<random><suffix>`, so after a crash the writer that left one
+behind can be told dead (`stale_temp`) and the entry removed without racing a live writer. A full
+disk (ENOSPC, EDQUOT) while writing is ResourceExhausted with reason STORAGE_FULL naming the path and
+the bytes; the temp file is removed, so nothing partial is ever visible.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
 import shutil
+import socket
 import tempfile
 import threading
+import time
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Iterator
 
-from shared.errors import DataLoss, InvalidArgument
+from shared.errors import DataLoss, InvalidArgument, ResourceExhausted
 
 CHUNK_BYTES = 1 << 20
+STALE_TEMP_AGE_S = 24 * 3600          # a temp entry whose writer cannot be identified is stale after this
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 _HEX = frozenset("0123456789abcdef")
+_HOST = socket.gethostname().replace(".", "_").replace("@", "_")[:64] or "localhost"
 
 
 def check_sha256(value: str, field: str = "sha256") -> str:
@@ -34,12 +46,63 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def copy_file(source: Path, dest: Path) -> None:
+    shutil.copyfile(source, dest)
+
+
+def free_bytes(path: Path) -> int:
+    stat = os.statvfs(path)
+    return stat.f_bavail * stat.f_frsize
+
+
+@contextlib.contextmanager
+def disk_full_is_resource_exhausted(path: Path, size_bytes: int | None = None) -> Iterator[None]:
+    """Turns ENOSPC/EDQUOT raised inside the block into ResourceExhausted (reason STORAGE_FULL)."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in NO_SPACE_ERRNOS:
+            raise
+        raise storage_full(path, size_bytes, error.strerror or "no space left on device") from error
+
+
+def storage_full(path: Path, size_bytes: int | None, why: str) -> ResourceExhausted:
+    try:
+        free = f"; {free_bytes(path.parent if not path.is_dir() else path)} bytes free"
+    except OSError:
+        free = ""
+    size = f" ({size_bytes} bytes)" if size_bytes is not None else ""
+    metadata = {"path": str(path)} | ({"size_bytes": str(size_bytes)} if size_bytes is not None else {})
+    return ResourceExhausted(f"the store's disk is full: writing {path}{size} failed: {why}{free}",
+                             reason="STORAGE_FULL", metadata=metadata)
+
+
+def temp_owner_alive(name: str) -> bool | None:
+    """Whether the process that made the temp entry `name` still runs: None when unknown (another host,
+    or a name not made by `BlobStore.temp_file`/`temp_dir`)."""
+    pid, sep, host = name.split(".", 1)[0].partition("@")
+    if not sep or not pid.isdigit() or host != _HOST:
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:                  # alive, owned by another user
+        return True
+    return True
 
 
 class BlobStore:
@@ -59,31 +122,62 @@ class BlobStore:
         return self.path(sha256).is_file()
 
     def temp_file(self, suffix: str = "") -> tuple[BinaryIO, Path]:
-        fd, name = tempfile.mkstemp(dir=self.tmp, suffix=suffix)
+        fd, name = tempfile.mkstemp(dir=self.tmp, prefix=f"{os.getpid()}@{_HOST}.", suffix=suffix)
         return os.fdopen(fd, "wb"), Path(name)
+
+    def temp_dir(self) -> Path:
+        """A scratch directory under tmp/, tagged with this process like `temp_file`."""
+        return Path(tempfile.mkdtemp(dir=self.tmp, prefix=f"{os.getpid()}@{_HOST}."))
+
+    def stale_temp(self, max_age_s: float = STALE_TEMP_AGE_S, now: float | None = None) -> list[Path]:
+        """Temp entries left by writers that are gone: their process is dead (same host), or, when the
+        writer cannot be identified, older than `max_age_s`. A live writer's entries are never listed."""
+        now = time.time() if now is None else now
+        stale = []
+        for entry in sorted(self.tmp.iterdir()):
+            alive = temp_owner_alive(entry.name)
+            try:
+                old = now - entry.lstat().st_mtime > max_age_s
+            except FileNotFoundError:        # its writer just finished
+                continue
+            if alive is False or (alive is None and old):
+                stale.append(entry)
+        return stale
+
+    def sweep_temp(self, max_age_s: float = STALE_TEMP_AGE_S) -> list[Path]:
+        """Removes `stale_temp` entries (what a crashed writer left); returns them."""
+        removed = self.stale_temp(max_age_s)
+        for entry in removed:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+        return removed
 
     def commit(self, temp_path: Path, expected_sha256: str | None = None) -> tuple[str, int]:
         """Hashes a finished temp file, fsyncs it and renames it into place. Returns (sha, size).
 
         If `expected_sha256` is given and differs, the temp file is deleted and DIGEST_MISMATCH raised.
+        A full disk is ResourceExhausted (STORAGE_FULL); the temp file is deleted either way.
         """
+        size = None
         try:
+            size = temp_path.stat().st_size
             sha = sha256_file(temp_path)
             if expected_sha256 is not None and sha != expected_sha256:
                 raise InvalidArgument(
                     f"content sha256 is {sha}, but {expected_sha256} was declared",
                     reason="DIGEST_MISMATCH", field="sha256")
-            size = temp_path.stat().st_size
-            with open(temp_path, "rb+") as f:
-                os.fsync(f.fileno())
-            final = self.path(sha)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            if final.exists():
-                temp_path.unlink()
-            else:
-                os.chmod(temp_path, 0o444)
-                os.replace(temp_path, final)
-                fsync_dir(final.parent)
+            with disk_full_is_resource_exhausted(temp_path, size):
+                fsync_file(temp_path)
+                final = self.path(sha)
+                final.parent.mkdir(parents=True, exist_ok=True)
+                if final.exists():
+                    temp_path.unlink()
+                else:
+                    os.chmod(temp_path, 0o444)
+                    os.replace(temp_path, final)
+                    fsync_dir(final.parent)
             return sha, size
         except BaseException:
             temp_path.unlink(missing_ok=True)
@@ -91,16 +185,21 @@ class BlobStore:
 
     def ingest(self, source: Path, *, move: bool = False) -> tuple[str, int]:
         """Copies (or moves, when on the same filesystem) a finished file into the store."""
-        handle, temp = self.temp_file()
+        handle, temp = self.temp_file(suffix="".join(source.suffixes)[-32:])
         handle.close()
-        if move:
-            try:
-                os.replace(source, temp)
-            except OSError:
-                shutil.copyfile(source, temp)
-                source.unlink()
-        else:
-            shutil.copyfile(source, temp)
+        try:
+            with disk_full_is_resource_exhausted(temp, source.stat().st_size):
+                if move:
+                    try:
+                        os.replace(source, temp)
+                    except OSError:
+                        copy_file(source, temp)
+                        source.unlink()
+                else:
+                    copy_file(source, temp)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
         return self.commit(temp)
 
     def verified_path(self, sha256: str) -> Path:

@@ -2,6 +2,8 @@
 
 A single connection guarded by a lock: SQLite serialises writers anyway, and one connection keeps
 transactions simple. `transaction()` opens BEGIN IMMEDIATE so read-modify-write sequences are atomic.
+A full disk (SQLITE_FULL) is ResourceExhausted with reason STORAGE_FULL naming the database file; the
+transaction is rolled back, so the database keeps its previous state.
 """
 from __future__ import annotations
 
@@ -10,6 +12,10 @@ import sqlite3
 import threading
 from pathlib import Path
 from typing import Iterator
+
+from shared.store.blobs import storage_full
+
+SQLITE_FULL = 13
 
 
 class Database:
@@ -33,13 +39,24 @@ class Database:
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
             try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._conn
+                except BaseException:
+                    if self._conn.in_transaction:        # SQLite may have rolled back already (disk full)
+                        self._conn.execute("ROLLBACK")
+                    raise
+                try:
+                    self._conn.execute("COMMIT")
+                except sqlite3.Error:
+                    if self._conn.in_transaction:
+                        self._conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.OperationalError as error:
+                if getattr(error, "sqlite_errorcode", None) != SQLITE_FULL:
+                    raise
+                raise storage_full(self.path, None, str(error)) from error
 
     def query(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
         with self._lock:
