@@ -89,7 +89,7 @@ def serve_coordinator(data_dir: Path) -> None:
     for DEVICE and answers {"enqueued_at": CLOCK_MONOTONIC seconds taken just before}."""
     from edgeforge.v1 import agent_pb2
     from services.coordinator.server import create_server
-    server, port, ctx = create_server("127.0.0.1:0", data_dir, agent_auth=True, lease_ttl_s=LEASE_TTL_S)
+    server, port, ctx = create_server("127.0.0.1:0", data_dir, lease_ttl_s=LEASE_TTL_S)
     print(f"coordinator listening on 127.0.0.1:{port} pid {os.getpid()} peak_rss {peak_rss_bytes()}", flush=True)
     for line in sys.stdin:
         command = json.loads(line)

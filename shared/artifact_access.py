@@ -1,6 +1,7 @@
 """How a worker service reads and writes artifacts: straight from the store when it runs inside the
 coordinator's process (embedded default), or over gRPC with a local verified cache when it runs
-alone. The worker code is the same either way.
+alone. The worker code is the same either way. Alone, it calls the coordinator with an admin token
+(an admin may read and write every artifact; see shared/store/grants.py for everyone else).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from shared.errors import InvalidArgument
 from shared.grpc_status import from_rpc_error
 from shared.models import bundle
 from shared.models.bundle import ModelDir
-from shared.server import channel
+from shared.server import ClientTls, channel
 from shared.store.artifacts import ArtifactStore
 from shared.store.records import ArtifactKind, ArtifactRecord, Lineage, parse_artifact_name
 
@@ -54,11 +55,11 @@ class LocalArtifacts:
 class RemoteArtifacts:
     """Artifacts through a coordinator's ArtifactStore service, cached under cache_dir/blobs."""
 
-    def __init__(self, address: str, cache_dir: Path):
+    def __init__(self, address: str, cache_dir: Path, *, token: str | None = None, tls: ClientTls | None = None):
         from clients.python import transfer
         self._transfer = transfer
         self.cache_dir = cache_dir
-        self._stub = coordinator_pb2_grpc.ArtifactStoreStub(channel(address))
+        self._stub = coordinator_pb2_grpc.ArtifactStoreStub(channel(address, token=token, tls=tls))
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
 

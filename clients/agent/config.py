@@ -34,6 +34,9 @@ class AgentConfig:
     measure_timeout_s: float = 1800.0
     lease_wait_ms: int = 10_000
     host_lock: Path | None = None                    # one measurement at a time across agents sharing it
+    tls_ca: Path | None = None                       # PEM CA that signed the coordinator's certificate: TLS on
+    tls_cert: Path | None = None                     # this agent's PEM certificate and key, for mutual TLS
+    tls_key: Path | None = None
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?[bB])?\s*$")
@@ -97,6 +100,9 @@ def parser(usage: str) -> argparse.ArgumentParser:
     parser.add_argument("--measure-timeout-s", type=float, help="longest one measurement may take (default 1800)")
     parser.add_argument("--host-lock", type=Path, help="lock file shared by agents on one machine: they measure "
                                                        "one at a time (emulated devices on one host)")
+    parser.add_argument("--tls-ca", type=Path, help="PEM CA of the coordinator's certificate (connects with TLS)")
+    parser.add_argument("--tls-cert", type=Path, help="this agent's PEM certificate, for a coordinator requiring mTLS")
+    parser.add_argument("--tls-key", type=Path, help="the private key of --tls-cert")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
 
@@ -125,6 +131,8 @@ def config_from(args: argparse.Namespace) -> AgentConfig:
     if not 1 <= slots <= 64:
         raise ValueError(f"--slots must be in [1, 64], got {slots}")
     tools = pick("adb_tools")
+    if bool(pick("tls_cert")) != bool(pick("tls_key")) or (pick("tls_cert") and not pick("tls_ca")):
+        raise ValueError("--tls-cert and --tls-key go together, and need --tls-ca")
     return AgentConfig(coordinator=coordinator, token=token, labels=_labels(pick("label") or file.get("labels") or {}),
                        cache_dir=Path(pick("cache_dir", DEFAULT_CACHE)),
                        cache_max_bytes=parse_size(pick("cache_max_bytes", 20 << 30)), drivers=drivers,
@@ -132,4 +140,5 @@ def config_from(args: argparse.Namespace) -> AgentConfig:
                        device_id=pick("device_id", "") or "", adb=pick("adb", "adb"),
                        adb_tools=Path(tools) if tools else None,
                        measure_timeout_s=float(pick("measure_timeout_s", 1800.0)),
-                       host_lock=Path(pick("host_lock")) if pick("host_lock") else None)
+                       host_lock=Path(pick("host_lock")) if pick("host_lock") else None,
+                       **{name: Path(pick(name)) if pick(name) else None for name in ("tls_ca", "tls_cert", "tls_key")})

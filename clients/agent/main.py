@@ -250,10 +250,22 @@ class DeviceWorker:
         return json_format.ParseDict(result, common_pb2.Measurement(), ignore_unknown_fields=False)
 
 
+def _connect(config: AgentConfig) -> grpc.Channel:
+    """Plain text, or TLS when the config names the coordinator's CA (plus a client certificate for mTLS).
+    The agent wheel ships without shared/, so this mirrors shared.server.ClientTls."""
+    read = lambda path: Path(path).read_bytes() if path else None
+    tls_ca, tls_cert, tls_key = (getattr(config, name, None) for name in ("tls_ca", "tls_cert", "tls_key"))
+    if not tls_ca:
+        return grpc.insecure_channel(config.coordinator, options=CHANNEL_OPTIONS)
+    credentials = grpc.ssl_channel_credentials(root_certificates=read(tls_ca), private_key=read(tls_key),
+                                               certificate_chain=read(tls_cert))
+    return grpc.secure_channel(config.coordinator, credentials, options=CHANNEL_OPTIONS)
+
+
 class Agent:
     def __init__(self, config: AgentConfig):
         self.config = config
-        channel = grpc.insecure_channel(config.coordinator, options=CHANNEL_OPTIONS)
+        channel = _connect(config)
         self._channel = channel
         if config.token:
             channel = grpc.intercept_channel(channel, _Bearer(config.token))

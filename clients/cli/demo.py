@@ -1,13 +1,15 @@
 """`make demo`: the main job, end to end on this machine, for three device classes.
 
 Starts edgeforge (`edgeforge up --no-agent`: four services on one port, SQLite + a local blob
-directory), creates an agent token, and starts three agents that emulate three devices on this
+directory, authentication on), and with the admin token it wrote creates an agent token and a builder
+token over RPC (`edgeforge tokens create`). It starts three agents that emulate three devices on this
 machine — a two-core laptop (`taskset -c 0,1`), a one-core phone-class device (`taskset -c 0`), and
 a board that only has onnxruntime (`--runtimes onnxruntime`). They share a host lock, so only one
 measures at a time and none steals another's cores. Then it submits docs/examples/smollm2-fleet.yaml —
 the real SmolLM2-135M-Instruct, calibrated on Wikipedia text, five candidates (GGUF F16/Q8_0/Q4_0,
 ONNX fp32/int8) — follows its progress, prints each target's table and chosen artifact with the
-reasons, writes report.json and report.html into the output directory, and shuts everything down.
+reasons (all as the builder, which sees only its own build and artifacts), writes report.json and
+report.html into the output directory, and shuts everything down.
 """
 from __future__ import annotations
 
@@ -44,9 +46,18 @@ def start_edgeforge(data_dir: Path, log_path: Path) -> tuple[subprocess.Popen, s
     return process, match.group(1)
 
 
+def create_token(address: str, data_dir: Path, role: str, name: str) -> str:
+    """A new token over RPC, authenticated by the admin token `edgeforge up` wrote into its data dir."""
+    return subprocess.run([sys.executable, "-m", "clients.cli.main", "--address", address, "--token-file",
+                           str(data_dir / "admin.token"), "tokens", "create", "--role", role, "--name", name],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
 def start_agents(address: str, data_dir: Path, out: Path) -> list[subprocess.Popen]:
-    token = subprocess.run([sys.executable, "-m", "clients.cli.main", "tokens", "create", "--data-dir", str(data_dir),
-                            "--name", "demo agents"], capture_output=True, text=True, check=True).stdout.strip()
+    token_file = out / "agents" / "agent.token"          # in a file (0600), not on command lines where ps shows it
+    token_file.parent.mkdir(parents=True, exist_ok=True)
+    from shared.auth import write_secret
+    write_secret(token_file, create_token(address, data_dir, "agent", "demo agents"))
     cpus = len(os.sched_getaffinity(0))
     pin = shutil.which("taskset") is not None and cpus >= 2
     if not pin:
@@ -54,7 +65,8 @@ def start_agents(address: str, data_dir: Path, out: Path) -> list[subprocess.Pop
               "to cores, so laptop and phone-class measure alike")
     agents = []
     for name, (cores, flags) in DEVICES.items():
-        command = [sys.executable, "-m", "clients.agent.main", "--coordinator", address, "--token", token,
+        command = [sys.executable, "-m", "clients.agent.main", "--coordinator", address,
+                   "--token-file", str(token_file),
                    "--device-id", name, "--label", f"device={name}", "--cache-dir", str(out / "agents" / name),
                    "--host-lock", str(out / "agents" / "host.lock"), *flags]
         if pin:
@@ -77,7 +89,7 @@ def main() -> None:
     process, address = start_edgeforge(data_dir, args.out / "edgeforge.log")
     print(f"edgeforge is up on {address} (logs: {args.out})")
     agents = start_agents(address, data_dir, args.out)
-    client = Client(address)
+    client = Client(address, token=create_token(address, data_dir, "builder", "demo builder"))
     try:
         deadline = time.monotonic() + 90
         while len(client.list_devices()) < len(DEVICES) and time.monotonic() < deadline:

@@ -8,6 +8,10 @@ Exit codes:
      are listed)
   4  the coordinator could not be reached
   5  the build was cancelled
+
+Every command but `up` calls the coordinator with a bearer token: --token, $EDGEFORGE_TOKEN,
+--token-file, $EDGEFORGE_TOKEN_FILE, else ./.edgeforge/admin.token (written by `edgeforge up` and the
+coordinator, mode 0600). --tls-ca (with --tls-cert/--tls-key for mutual TLS) speaks TLS.
 """
 from __future__ import annotations
 
@@ -23,9 +27,9 @@ from pathlib import Path
 import grpc
 from google.protobuf import json_format
 
-from clients.cli import progress, tables
+from clients.cli import progress, store as store_cli, tables
 from clients.python import spec as spec_file, transfer
-from clients.python.client import Client, build_name
+from clients.python.client import Client, build_name, resolve_token
 from edgeforge.v1 import coordinator_pb2
 
 OK, FAILED, BAD_INPUT, NO_CANDIDATE, UNREACHABLE, CANCELLED = 0, 1, 2, 3, 4, 5
@@ -43,62 +47,89 @@ def _rpc_exit(error: grpc.RpcError) -> int:
     where = f" [{metadata['field']}]" if "field" in metadata else ""
     code = {grpc.StatusCode.INVALID_ARGUMENT: BAD_INPUT, grpc.StatusCode.UNAVAILABLE: UNREACHABLE,
             grpc.StatusCode.CANCELLED: CANCELLED}.get(error.code(), FAILED)
-    return _fail(f"{error.code().name}{' ' + reason if reason else ''}{where}: {error.details()}", code)
+    hint = ""
+    if error.code() == grpc.StatusCode.UNAUTHENTICATED:
+        hint = ("\n  give a token: --token, $EDGEFORGE_TOKEN, --token-file, $EDGEFORGE_TOKEN_FILE, or run where "
+                "./.edgeforge/admin.token is (the coordinator writes <data-dir>/admin.token)")
+    return _fail(f"{error.code().name}{' ' + reason if reason else ''}{where}: {error.details()}{hint}", code)
+
+
+def _client(args) -> Client:
+    from shared.server import client_tls_from_files
+    try:
+        tls = client_tls_from_files(args.client_tls_ca, args.client_tls_cert, args.client_tls_key)
+    except ValueError as error:
+        raise SystemExit(f"edgeforge: {error}") from error
+    return Client(args.address, token=resolve_token(args.token, args.token_file), tls=tls)
 
 
 def local_agent_token(tokens, data_dir: Path) -> Path:
     """The token file of `edgeforge up`'s own agent: reused while it is live, replaced when revoked."""
-    from shared.errors import Unauthenticated
+    from shared.auth import ensure_token_file
     path = data_dir / "local-agent.token"
-    if path.is_file():
-        try:
-            tokens.verify(path.read_text().strip())
-            return path
-        except Unauthenticated:
-            pass
-    _, secret = tokens.create("agent", "local agent of edgeforge up")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secret + "\n")
-    os.replace(path.with_suffix(".tmp"), path)
+    ensure_token_file(tokens, path, "agent", "local agent of edgeforge up")
     return path
 
 
-def _token_store(data_dir: Path):
+def _token_store(data_dir: Path, *, create: bool = False):
+    """The coordinator's token table, written directly. `create` (tokens create --offline) may start a new
+    database, so the first tokens exist before the first coordinator does (e.g. for its standalone workers)."""
     from shared.auth import TokenStore
     from shared.store.database import Database
     if not (data_dir / "edgeforge.db").is_file():
-        raise SystemExit(f"edgeforge: no coordinator database in {data_dir} (give the coordinator's --data-dir)")
+        if not create:
+            raise SystemExit(f"edgeforge: no coordinator database in {data_dir} (give the coordinator's --data-dir)")
+        print(f"edgeforge: created a new coordinator database in {data_dir}", file=sys.stderr)
     return TokenStore(Database(data_dir / "edgeforge.db"))
 
 
+def _token_row(token_id: str, role: str, name: str, revoked: bool) -> dict:
+    return {"id": token_id, "role": role, "name": name, "revoked": revoked}
+
+
 def cmd_tokens_create(args) -> int:
+    """Over RPC with an admin token; --offline writes the database directly (bootstrap, on its host)."""
     from shared.errors import EdgeforgeError
     try:
-        token, secret = _token_store(args.data_dir).create(args.role, args.name)
+        if args.offline:
+            token, secret = _token_store(args.data_dir, create=True).create(args.role, args.name)
+            token_id = token.id
+        else:
+            token_id, secret = _client(args).create_token(args.role, args.name)
     except EdgeforgeError as error:
         return _fail(error.message, BAD_INPUT)
-    print(json.dumps({"id": token.id, "role": token.role, "name": token.name, "token": secret}) if args.json
+    except grpc.RpcError as error:
+        return _rpc_exit(error)
+    print(json.dumps({"id": token_id, "role": args.role, "name": args.name, "token": secret}) if args.json
           else secret)
     if not args.json:
-        print(f"created {token.role} token {token.id} ({token.name}); it is shown only once", file=sys.stderr)
+        print(f"created {args.role} token {token_id} ({args.name}); it is shown only once", file=sys.stderr)
     return OK
 
 
 def cmd_tokens_list(args) -> int:
-    rows = [{"id": t.id, "role": t.role, "name": t.name, "revoked": t.revoked} for t in _token_store(args.data_dir).list()]
+    from shared.auth import token_from_proto
+    try:
+        tokens = _token_store(args.data_dir).list() if args.offline else \
+            [token_from_proto(t) for t in _client(args).list_tokens()]
+    except grpc.RpcError as error:
+        return _rpc_exit(error)
+    rows = [_token_row(t.id, t.role, t.name, t.revoked) for t in tokens]
     print(json.dumps(rows, indent=2) if args.json else "\n".join(
         f"{r['id']}  {r['role']:<8} {'revoked' if r['revoked'] else 'live':<8} {r['name']}" for r in rows))
     return OK
 
 
 def cmd_tokens_revoke(args) -> int:
+    from shared.auth import token_from_proto
     from shared.errors import EdgeforgeError
     try:
-        token = _token_store(args.data_dir).revoke(args.id)
+        token = _token_store(args.data_dir).revoke(args.id) if args.offline else \
+            token_from_proto(_client(args).revoke_token(args.id))
     except EdgeforgeError as error:
         return _fail(error.message, BAD_INPUT)
+    except grpc.RpcError as error:
+        return _rpc_exit(error)
     print(f"revoked {token.role} token {token.id} ({token.name})", file=sys.stderr)
     return OK
 
@@ -107,7 +138,13 @@ def cmd_up(args) -> int:
     import logging
     from services.coordinator.server import create_server
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    server, port, ctx = create_server(f"{args.host}:{args.port}", args.data_dir)
+    from shared import server as bootstrap
+    tls = bootstrap.server_tls_from_args(args.up_parser, args)
+    if tls is not None and not args.no_agent:
+        args.up_parser.error("with TLS, start agents yourself (--no-agent): the local agent speaks plain text")
+    if args.no_auth:
+        logging.warning("--no-auth: every call is accepted without a token (a closed test network only)")
+    server, port, ctx = create_server(f"{args.host}:{args.port}", args.data_dir, auth=not args.no_auth, tls=tls)
     address = f"{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{port}"
     agent = None
     if not args.no_agent:
@@ -159,7 +196,7 @@ def cmd_build(args) -> int:
         parsed = spec_file.load(args.spec)
     except spec_file.SpecError as error:
         return _fail(f"invalid spec: {error}", BAD_INPUT)
-    client = Client(args.address)
+    client = _client(args)
     bar = progress.Bar()
     try:
         operation = client.create_build(parsed, on_upload=None if args.json else progress.upload_progress(bar))
@@ -182,7 +219,7 @@ def cmd_build(args) -> int:
 
 
 def cmd_builds_get(args) -> int:
-    client = Client(args.address)
+    client = _client(args)
     try:
         build = client.get_build(args.name if args.name.startswith("builds/") else f"builds/{args.name}")
         if build.state == coordinator_pb2.BUILD_STATE_RUNNING:
@@ -195,7 +232,7 @@ def cmd_builds_get(args) -> int:
 
 
 def cmd_builds_list(args) -> int:
-    client = Client(args.address)
+    client = _client(args)
     try:
         builds = client.list_builds()
     except grpc.RpcError as error:
@@ -208,7 +245,7 @@ def cmd_builds_list(args) -> int:
 
 
 def cmd_devices(args) -> int:
-    client = Client(args.address)
+    client = _client(args)
     try:
         devices = client.list_devices()
     except grpc.RpcError as error:
@@ -225,7 +262,7 @@ def cmd_devices(args) -> int:
 
 
 def cmd_artifacts_get(args) -> int:
-    client = Client(args.address)
+    client = _client(args)
     name = args.name if args.name.startswith("artifacts/") else f"artifacts/{args.name}"
     bar = progress.Bar()
     try:
@@ -243,8 +280,18 @@ def parser() -> argparse.ArgumentParser:
                                    epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     root.add_argument("--address", default=DEFAULT_ADDRESS, help=f"coordinator host:port (default {DEFAULT_ADDRESS}, "
                                                                   "or $EDGEFORGE_ADDRESS)")
+    root.add_argument("--token", help="bearer token (prefer --token-file or $EDGEFORGE_TOKEN)")
+    root.add_argument("--token-file", type=Path, help="file holding the bearer token (default: $EDGEFORGE_TOKEN_FILE, "
+                                                      "else ./.edgeforge/admin.token)")
+    root.add_argument("--tls-ca", dest="client_tls_ca", type=Path, help="speak TLS; the CA of the server's certificate")
+    root.add_argument("--tls-cert", dest="client_tls_cert", type=Path, help="client certificate for mutual TLS")
+    root.add_argument("--tls-key", dest="client_tls_key", type=Path, help="key of --tls-cert")
     sub = root.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="serve all four services on one port with a local agent")
+    up.add_argument("--no-auth", action="store_true", help="accept calls without a token (a closed test network only)")
+    from shared.server import add_server_tls_args
+    add_server_tls_args(up)
+    up.set_defaults(up_parser=up)
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=50051, help="0 picks a free port")
     up.add_argument("--data-dir", type=Path, default=Path(".edgeforge"))
@@ -267,27 +314,29 @@ def parser() -> argparse.ArgumentParser:
     devices = sub.add_parser("devices", help="list registered devices")
     devices.add_argument("--json", action="store_true")
     devices.set_defaults(run=cmd_devices)
-    tokens = sub.add_parser("tokens", help="agent tokens, on the coordinator's host (reads its --data-dir)"
-                            ).add_subparsers(dest="verb", required=True)
+    tokens = sub.add_parser("tokens", help="tokens, over RPC with an admin token (or --offline on the coordinator's "
+                            "host)").add_subparsers(dest="verb", required=True)
     create = tokens.add_parser("create", help="create a token; prints it once")
     create.add_argument("--role", default="agent", choices=("agent", "builder", "admin"))
-    create.add_argument("--name", required=True, help="who or what uses it, e.g. the device")
-    create.add_argument("--data-dir", type=Path, default=Path(".edgeforge"))
+    create.add_argument("--name", required=True, help="who or what uses it, e.g. the device or the team")
     create.add_argument("--json", action="store_true")
     create.set_defaults(run=cmd_tokens_create)
     listing = tokens.add_parser("list", help="list tokens (never their secrets)")
-    listing.add_argument("--data-dir", type=Path, default=Path(".edgeforge"))
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(run=cmd_tokens_list)
     revoke = tokens.add_parser("revoke", help="revoke a token by id; it stops working at once")
     revoke.add_argument("id")
-    revoke.add_argument("--data-dir", type=Path, default=Path(".edgeforge"))
     revoke.set_defaults(run=cmd_tokens_revoke)
+    for verb in (create, listing, revoke):
+        verb.add_argument("--offline", action="store_true",
+                          help="write the coordinator's database directly (bootstrap; on its host, no RPC)")
+        verb.add_argument("--data-dir", type=Path, default=Path(".edgeforge"), help="with --offline: its --data-dir")
     artifacts = sub.add_parser("artifacts", help="artifacts").add_subparsers(dest="verb", required=True)
     fetch = artifacts.add_parser("get", help="download an artifact")
     fetch.add_argument("name")
     fetch.add_argument("-o", "--output", type=Path, required=True)
     fetch.set_defaults(run=cmd_artifacts_get)
+    store_cli.add_parser(sub)
     return root
 
 

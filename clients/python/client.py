@@ -1,41 +1,60 @@
 """The edgeforge Python SDK: upload inputs, create builds, follow them, fetch results.
 
-    client = Client("127.0.0.1:50051")
+    client = Client("127.0.0.1:50051", token=secret)   # or $EDGEFORGE_TOKEN / $EDGEFORGE_TOKEN_FILE
     operation = client.create_build(spec.load(Path("build.yaml")))
     operation = client.wait(operation.name, on_progress=print)
     build = client.get_build(f"builds/{operation.name.split('/')[1]}")
+
+Every call carries a bearer token (`resolve_token`: the argument, $EDGEFORGE_TOKEN, a token file from
+$EDGEFORGE_TOKEN_FILE, else ./.edgeforge/admin.token when present); `tls=ClientTls(...)` speaks TLS.
 """
 from __future__ import annotations
 
+import os
 import tempfile
 import uuid
 from pathlib import Path
 from typing import Callable
 
-import grpc
 from google.longrunning import operations_pb2_grpc, operations_proto_pb2 as operations_pb2
 from google.protobuf import duration_pb2
 
 from clients.python import transfer
 from clients.python.spec import SpecError, SpecFile
-from edgeforge.v1 import (agent_pb2_grpc, common_pb2, coordinator_pb2, coordinator_pb2_grpc)
+from edgeforge.v1 import agent_pb2_grpc, common_pb2, coordinator_pb2, coordinator_pb2_grpc, tokens_pb2, tokens_pb2_grpc
+from shared.server import ClientTls, channel
 
 DATASET_MEDIA_TYPES = {".npz": "application/x-npz", ".json": "application/json", ".jsonl": "application/jsonl"}
 # Single-file source models besides GGUF, by suffix; the compressor's ImportModel checks the content.
 MODEL_MEDIA_TYPES = {".onnx": "application/x-onnx", ".pt2": "application/x-torch-exported-program",
                      ".pth": "application/x-torch-state-dict", ".tar": "application/x-tar"}
-CHANNEL_OPTIONS = [("grpc.max_send_message_length", 8 << 20), ("grpc.max_receive_message_length", 8 << 20)]
+DEFAULT_TOKEN_FILE = Path(".edgeforge") / "admin.token"
+ROLES = {"admin": tokens_pb2.TOKEN_ROLE_ADMIN, "builder": tokens_pb2.TOKEN_ROLE_BUILDER,
+         "agent": tokens_pb2.TOKEN_ROLE_AGENT}
+
+
+def resolve_token(token: str | None = None, token_file: Path | None = None) -> str | None:
+    """The first of: `token`, $EDGEFORGE_TOKEN, `token_file`, $EDGEFORGE_TOKEN_FILE, ./.edgeforge/admin.token."""
+    if token:
+        return token.strip()
+    if os.environ.get("EDGEFORGE_TOKEN"):
+        return os.environ["EDGEFORGE_TOKEN"].strip()
+    path = token_file or (Path(os.environ["EDGEFORGE_TOKEN_FILE"]) if os.environ.get("EDGEFORGE_TOKEN_FILE")
+                          else DEFAULT_TOKEN_FILE if DEFAULT_TOKEN_FILE.is_file() else None)
+    return path.read_text().strip() if path is not None else None
 
 
 class Client:
-    def __init__(self, address: str):
+    def __init__(self, address: str, *, token: str | None = None, tls: ClientTls | None = None):
         self.address = address
-        self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.token = resolve_token(token)
+        self.channel = channel(address, token=self.token, tls=tls)
         self.coordinator = coordinator_pb2_grpc.CoordinatorStub(self.channel)
         self.operations = operations_pb2_grpc.OperationsStub(self.channel)
         self.artifacts = coordinator_pb2_grpc.ArtifactStoreStub(self.channel)
         self.devices = coordinator_pb2_grpc.DeviceRegistryStub(self.channel)
         self.agents = agent_pb2_grpc.AgentGatewayStub(self.channel)
+        self.tokens = tokens_pb2_grpc.TokensStub(self.channel)
 
     def close(self) -> None:
         self.channel.close()
@@ -132,6 +151,24 @@ class Client:
     def list_devices(self, selector: dict[str, str] | None = None) -> list[coordinator_pb2.Device]:
         return list(self.devices.ListDevices(coordinator_pb2.ListDevicesRequest(selector=selector or {}),
                                              timeout=30).devices)
+
+    # ------------------------------------------------------------------ tokens (admin)
+    def create_token(self, role: str, name: str) -> tuple[str, str]:
+        """A new token of `role` ("admin", "builder", "agent"); returns (token id, secret), the secret only here."""
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+        reply = self.tokens.CreateToken(tokens_pb2.CreateTokenRequest(role=ROLES[role], display_name=name), timeout=30)
+        return reply.token.name.removeprefix("tokens/"), reply.secret
+
+    def list_tokens(self) -> list[tokens_pb2.Token]:
+        return list(self.tokens.ListTokens(tokens_pb2.ListTokensRequest(), timeout=30).tokens)
+
+    def revoke_token(self, token_id: str) -> tokens_pb2.Token:
+        name = token_id if token_id.startswith("tokens/") else f"tokens/{token_id}"
+        return self.tokens.RevokeToken(tokens_pb2.RevokeTokenRequest(name=name), timeout=30)
+
+    def whoami(self) -> tokens_pb2.Token:
+        return self.tokens.WhoAmI(tokens_pb2.WhoAmIRequest(), timeout=30)
 
 
 def build_name(operation_name: str) -> str:

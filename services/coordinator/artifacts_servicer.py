@@ -1,16 +1,21 @@
-"""ArtifactStore gRPC servicer: resumable uploads, metadata, and chunked digest-checked reads."""
+"""ArtifactStore gRPC servicer: resumable uploads, metadata, and chunked digest-checked reads.
+
+Authorization per resource goes through `Ownership` (services/coordinator/ownership.py): a builder
+reads only the artifacts it uploaded or its builds name, and touches only its own uploads.
+"""
 from __future__ import annotations
 
 from typing import Iterator
 
 from edgeforge.v1 import coordinator_pb2, coordinator_pb2_grpc
 from shared.artifact_convert import artifact_to_proto, kind_from_proto, lineage_from_proto
-from shared.errors import InvalidArgument, ResourceExhausted
+from services.coordinator.ownership import Ownership
+from shared.errors import InvalidArgument, NotFound, ResourceExhausted
 from shared.grpc_status import rpc, rpc_stream
 from shared.paging import next_token, page
 from shared.store.artifacts import ArtifactStore
 from shared.store.blobs import CHUNK_BYTES
-from shared.store.records import UploadRecord, parse_artifact_name
+from shared.store.records import ArtifactRecord, UploadRecord, parse_artifact_name
 
 SERVICE_NAME = "edgeforge.v1.ArtifactStore"
 MAX_CHUNK_BYTES = 4 << 20
@@ -41,8 +46,8 @@ def read_chunks(store: ArtifactStore, sha256: str, offset: int, chunk_size: int
 
 
 class ArtifactStoreServicer(coordinator_pb2_grpc.ArtifactStoreServicer):
-    def __init__(self, store: ArtifactStore):
-        self.store = store
+    def __init__(self, store: ArtifactStore, ownership: Ownership):
+        self.store, self.ownership = store, ownership
 
     def _upload(self, record: UploadRecord) -> coordinator_pb2.Upload:
         upload = coordinator_pb2.Upload(
@@ -59,7 +64,9 @@ class ArtifactStoreServicer(coordinator_pb2_grpc.ArtifactStoreServicer):
         record = self.store.create_upload(kind, request.size_bytes, request.sha256, media_type=request.media_type,
                                           display_name=request.display_name, labels=dict(request.labels),
                                           request_id=request.request_id,
-                                          lineage=lineage_from_proto(request.lineage))
+                                          lineage=lineage_from_proto(request.lineage),
+                                          dedupe=self.ownership.may_read_artifact(request.sha256))
+        self.ownership.record_upload(record.upload_id, record.succeeded, record.sha256)
         return self._upload(record)
 
     @rpc
@@ -69,6 +76,7 @@ class ArtifactStoreServicer(coordinator_pb2_grpc.ArtifactStoreServicer):
             raise InvalidArgument("WriteUpload stream was empty; the first message must name the upload",
                                   field="upload")
         upload_id = parse_upload_name(first.upload)
+        self.ownership.check_upload(upload_id)
 
         def chunks() -> Iterator[bytes]:
             message = first
@@ -82,30 +90,56 @@ class ArtifactStoreServicer(coordinator_pb2_grpc.ArtifactStoreServicer):
                 if message.data:
                     yield message.data
                 message = next(request_iterator, None)
-        return self._upload(self.store.write_upload(upload_id, first.offset, chunks()))
+        record = self.store.write_upload(upload_id, first.offset, chunks())
+        self.ownership.record_upload(upload_id, record.succeeded, record.sha256)
+        return self._upload(record)
 
     @rpc
     def GetUpload(self, request, context):
-        return self._upload(self.store.get_upload(parse_upload_name(request.name)))
+        upload_id = parse_upload_name(request.name)
+        self.ownership.check_upload(upload_id)
+        record = self.store.get_upload(upload_id)
+        self.ownership.record_upload(upload_id, record.succeeded, record.sha256)
+        return self._upload(record)
 
     @rpc
     def GetArtifact(self, request, context):
-        return artifact_to_proto(self.store.get(parse_artifact_name(request.name)))
+        sha256 = parse_artifact_name(request.name)
+        self.ownership.check_artifact(sha256)
+        return artifact_to_proto(self.store.get(sha256))
 
     @rpc
     def ListArtifacts(self, request, context):
         size, offset = page(request.page_size, request.page_token, 100)
         kind = kind_from_proto(request.kind) if request.kind else None
-        records = self.store.list(kind, size + 1, offset)
+        visible = self.ownership.visible_artifacts()
+        records = (self.store.list(kind, size + 1, offset) if visible is None
+                   else _visible_page(self.store, visible, kind, size + 1, offset))
         return coordinator_pb2.ListArtifactsResponse(artifacts=[artifact_to_proto(r) for r in records[:size]],
                                                      next_page_token=next_token(offset, size, len(records)))
 
     @rpc_stream
     def ReadArtifact(self, request, context):
-        yield from read_chunks(self.store, parse_artifact_name(request.name), request.offset, request.chunk_size_bytes)
+        sha256 = parse_artifact_name(request.name)
+        self.ownership.check_artifact(sha256)
+        yield from read_chunks(self.store, sha256, request.offset, request.chunk_size_bytes)
 
 
-def registration(store: ArtifactStore):
-    return (coordinator_pb2_grpc.add_ArtifactStoreServicer_to_server, ArtifactStoreServicer(store), SERVICE_NAME)
+def _visible_page(store: ArtifactStore, visible: set[str], kind, limit: int, offset: int) -> list[ArtifactRecord]:
+    """A page of the caller's artifacts, newest first like ArtifactStore.list."""
+    records = []
+    for sha256 in visible:
+        try:
+            records.append(store.get(sha256))
+        except NotFound:                            # named by a build spec but never stored
+            continue
+    records = [r for r in records if kind is None or r.kind == kind]
+    records.sort(key=lambda r: (-r.create_time, r.sha256))
+    return records[offset:offset + limit]
+
+
+def registration(store: ArtifactStore, ownership: Ownership):
+    return (coordinator_pb2_grpc.add_ArtifactStoreServicer_to_server, ArtifactStoreServicer(store, ownership),
+            SERVICE_NAME)
 
 

@@ -8,6 +8,7 @@ import time
 from edgeforge.v1 import coordinator_pb2
 from services.coordinator.scheduler import Scheduler
 from services.coordinator.state import CoordinatorState
+from services.coordinator.ownership import Ownership
 from services.coordinator.workers import Workers
 from shared.auth import TokenStore
 from shared.store.artifacts import ArtifactStore
@@ -26,6 +27,8 @@ class CoordinatorContext:
     benchmark_timeout_s: float = 3600.0     # how long a build waits for its measurements
     changed: threading.Condition = dataclasses.field(default_factory=threading.Condition)
     tokens: TokenStore | None = None
+    ownership: Ownership | None = None     # per-resource authorization (services/coordinator/ownership.py)
+    admin_token: str = ""                   # the coordinator's own admin secret: it calls worker services with it
 
     def notify(self) -> None:
         with self.changed:

@@ -1,4 +1,9 @@
-"""DeviceRegistry and AgentGateway servicers: agents register, heartbeat, lease, fetch, report."""
+"""DeviceRegistry and AgentGateway servicers: agents register, heartbeat, lease, fetch, report.
+
+A device belongs to the agent token that registered it (services/coordinator/ownership.py): only
+that token may heartbeat, lease, report and fetch for it, and FetchArtifact serves only the artifact
+of one of its live leases. Admins may act for any device.
+"""
 from __future__ import annotations
 
 import re
@@ -64,6 +69,7 @@ class AgentGatewayServicer(agent_pb2_grpc.AgentGatewayServicer):
                                           field=field)
         if not 0 <= request.slots <= 64:
             raise InvalidArgument(f"slots must be in [0, 64], got {request.slots}", field="slots")
+        self.ctx.ownership.claim_device(request.device_id)
         now = time.time()
         device = coordinator_pb2.Device(name=f"devices/{request.device_id}",
                                         display_name=request.display_name or request.device_id,
@@ -82,6 +88,7 @@ class AgentGatewayServicer(agent_pb2_grpc.AgentGatewayServicer):
     @rpc
     def Heartbeat(self, request, context):
         device_id = parse_device_name(request.device)
+        self.ctx.ownership.check_device(device_id)
         cancelled = self.ctx.scheduler.heartbeat(device_id, list(request.leases))
         interval_s = min(HEARTBEAT_INTERVAL_S, self.ctx.scheduler.lease_ttl_s / 3)   # three beats per lease TTL
         return agent_pb2.HeartbeatResponse(cancelled_leases=cancelled, heartbeat_interval_ms=int(interval_s * 1000))
@@ -92,6 +99,7 @@ class AgentGatewayServicer(agent_pb2_grpc.AgentGatewayServicer):
         if not 0 <= request.wait_ms <= MAX_LEASE_WAIT_MS:
             raise InvalidArgument(f"wait_ms must be in [0, {MAX_LEASE_WAIT_MS}], got {request.wait_ms}",
                                   field="wait_ms")
+        self.ctx.ownership.check_device(device_id)
         self.ctx.state.touch_device(device_id, time.time())
         lease = self.ctx.scheduler.lease(device_id, request.wait_ms / 1000)
         return agent_pb2.LeaseJobResponse(lease=lease) if lease else agent_pb2.LeaseJobResponse()
@@ -105,6 +113,7 @@ class AgentGatewayServicer(agent_pb2_grpc.AgentGatewayServicer):
             raise InvalidArgument("give a measurement or an error", field="outcome")
         if outcome == "measurement" and not request.measurement.latency.samples_ms:
             raise InvalidArgument("measurement has no latency samples", field="measurement.latency.samples_ms")
+        self.ctx.ownership.check_lease(request.lease)
         accepted = self.ctx.scheduler.report(request.lease, request.measurement if outcome == "measurement" else None,
                                              request.error if outcome == "error" else None)
         self.ctx.notify()
@@ -112,6 +121,9 @@ class AgentGatewayServicer(agent_pb2_grpc.AgentGatewayServicer):
 
     @rpc_stream
     def FetchArtifact(self, request, context):
+        if not request.lease.startswith("leases/"):
+            raise InvalidArgument(f"lease must look like 'leases/{{id}}', got {request.lease[:100]!r}", field="lease")
+        self.ctx.ownership.check_lease(request.lease)       # the caller's device, then: the lease must be live
         artifact = self.ctx.scheduler.lease_artifact(request.lease)
         yield from read_chunks(self.ctx.store, parse_artifact_name(artifact), request.offset, request.chunk_size_bytes)
 

@@ -5,63 +5,92 @@
 
 Embedded, the worker services are registered on the coordinator's own server and reach the
 artifact store directly; alone, they are separate processes that use it over gRPC. Between the two,
-only configuration changes: the coordinator always calls the workers through their gRPC stubs.
+only configuration changes: the coordinator always calls the workers through their gRPC stubs, with
+its own admin token (`ctx.admin_token`, also written to <data-dir>/admin.token for the operator and
+for standalone workers' --token-file). Served with TLS, embedded workers are reached over a private
+unix socket, so the coordinator needs no client certificate for itself.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import signal
+import tempfile
 from pathlib import Path
 
 import grpc
 
 from services.calibrator import servicer as calibrator
 from services.compressor import servicer as compressor
-from services.coordinator import artifacts_servicer, devices_servicer, servicer
+from services.coordinator import artifacts_servicer, devices_servicer, servicer, tokens_servicer
 from services.coordinator.context import CoordinatorContext
+from services.coordinator.ownership import Ownership
 from services.coordinator.scheduler import Scheduler
 from services.coordinator.state import CoordinatorState
 from services.coordinator.workers import Workers
 from services.exporter import servicer as exporter
 from shared import server as bootstrap
 from shared.artifact_access import LocalArtifacts
-from shared.auth import AuthInterceptor, TokenStore
+from shared.auth import AuthInterceptor, TokenStore, ensure_token_file
+from shared.server import ClientTls, ServerTls
 from shared.store.artifacts import ArtifactStore
 from shared.store.database import Database
+from shared.store.grants import Grants
 
 log = logging.getLogger(__name__)
 # Each agent device holds a LeaseJob long-poll and sends heartbeats; builds and transfers need threads
 # too. gRPC's sync server runs one call per thread, so the pool is sized for a fleet, not a laptop.
 MAX_WORKERS = 256
+ADMIN_TOKEN_FILE = "admin.token"
 
 
 def create_server(address: str, data_dir: Path, workers: dict[str, str] | None = None, *,
                   device_wait_s: float = 120.0, lease_ttl_s: float = 30.0, max_attempts: int = 3,
-                  agent_auth: bool = True) -> tuple[grpc.Server, int, CoordinatorContext]:
+                  auth: bool = True, tls: ServerTls | None = None, worker_tls: ClientTls | None = None
+                  ) -> tuple[grpc.Server, int, CoordinatorContext]:
     """Starts a coordinator. `workers` maps calibrator/compressor/exporter to addresses; None embeds them.
-    With `agent_auth` (the default) every AgentGateway call needs a live token of the agent role."""
+    With `auth` (the default) every service but health checking needs a live token (shared/auth.py);
+    `tls` serves TLS (mutual with a client CA); `worker_tls` is how to reach standalone workers over TLS.
+    Writes data_dir/admin.token (0600): the coordinator's own admin token, reused while it is live."""
     db = Database(data_dir / "edgeforge.db")
     store = ArtifactStore(db, data_dir)
     state = CoordinatorState(db)
     tokens = TokenStore(db)
     ctx = CoordinatorContext(store, state, Scheduler(state, lease_ttl_s=lease_ttl_s, max_attempts=max_attempts),
-                             workers=None, device_wait_s=device_wait_s, tokens=tokens)
+                             workers=None, device_wait_s=device_wait_s, tokens=tokens,
+                             ownership=Ownership(Grants(db), state, tokens))
+    ctx.admin_token = ensure_token_file(tokens, data_dir / ADMIN_TOKEN_FILE, "admin", "coordinator (internal)")
     builds = servicer.Builds(ctx)
-    registrations = [*servicer.registrations(ctx, builds), artifacts_servicer.registration(store),
-                     *devices_servicer.registrations(ctx)]
+    registrations = [*servicer.registrations(ctx, builds), artifacts_servicer.registration(store, ctx.ownership),
+                     *devices_servicer.registrations(ctx), tokens_servicer.registration(tokens)]
+    private = []
     if workers is None:
         access = LocalArtifacts(store, data_dir / "cache")
         registrations += [calibrator.registration(access), compressor.registration(access),
                           exporter.registration(access)]
-    guard = [AuthInterceptor(tokens, {"edgeforge.v1.AgentGateway": ("agent",)})] if agent_auth else []
-    server, port, _ = bootstrap.create_server(address, registrations, max_workers=MAX_WORKERS, interceptors=guard)
-    host = address.rsplit(":", 1)[0]
-    self_address = f"{'127.0.0.1' if host in ('0.0.0.0', '[::]', '') else host}:{port}"
-    workers = workers or {"calibrator": self_address, "compressor": self_address, "exporter": self_address}
-    ctx.workers = Workers(workers["calibrator"], workers["compressor"], workers["exporter"])
+        if tls is not None:        # the coordinator reaches its embedded workers on a private unix socket
+            private = [f"unix:{_socket_path(data_dir)}"]
+    guard = [AuthInterceptor(tokens.verify)] if auth else []
+    server, port, _ = bootstrap.create_server(address, registrations, max_workers=MAX_WORKERS, interceptors=guard,
+                                              tls=tls, extra_ports=private)
+    if workers is None:
+        host = address.rsplit(":", 1)[0]
+        self_address = private[0] if private else f"{'127.0.0.1' if host in ('0.0.0.0', '[::]', '') else host}:{port}"
+        workers = {"calibrator": self_address, "compressor": self_address, "exporter": self_address}
+        worker_tls = None
+    ctx.workers = Workers(workers["calibrator"], workers["compressor"], workers["exporter"], token=ctx.admin_token,
+                          tls=worker_tls)
     builds.resume_unfinished()
     return server, port, ctx
+
+
+def _socket_path(data_dir: Path) -> Path:
+    """data_dir/workers.sock, or a private temporary directory where that path is too long for a socket."""
+    path = data_dir.resolve() / "workers.sock"
+    if len(str(path)) >= 100:
+        path = Path(tempfile.mkdtemp(prefix="edgeforge-")) / "workers.sock"
+    path.unlink(missing_ok=True)
+    return path
 
 
 def main() -> None:
@@ -72,16 +101,25 @@ def main() -> None:
     parser.add_argument("--calibrator", help="calibrator address host:port (omit all three to embed them)")
     parser.add_argument("--compressor")
     parser.add_argument("--exporter")
-    parser.add_argument("--no-agent-auth", action="store_true",
-                        help="let agents in without a token (a closed test network only)")
+    parser.add_argument("--no-auth", action="store_true",
+                        help="accept every call without a token (a closed test network only)")
+    parser.add_argument("--worker-tls-ca", type=Path,
+                        help="the standalone workers serve TLS signed by this CA (with mutual TLS, --tls-cert and "
+                             "--tls-key are also this coordinator's client certificate)")
+    bootstrap.add_server_tls_args(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s coordinator %(levelname)s %(message)s")
     given = [args.calibrator, args.compressor, args.exporter]
     if any(given) and not all(given):
         parser.error("give all of --calibrator, --compressor and --exporter, or none to embed them")
     workers = dict(zip(("calibrator", "compressor", "exporter"), given)) if all(given) else None
-    server, port, _ = create_server(f"{args.host}:{args.port}", args.data_dir, workers,
-                                    agent_auth=not args.no_agent_auth)
+    try:
+        worker_tls = bootstrap.client_tls_from_files(args.worker_tls_ca, args.tls_cert if args.worker_tls_ca else None,
+                                                     args.tls_key if args.worker_tls_ca else None)
+    except ValueError as error:
+        parser.error(str(error))
+    server, port, _ = create_server(f"{args.host}:{args.port}", args.data_dir, workers, auth=not args.no_auth,
+                                    tls=bootstrap.server_tls_from_args(parser, args), worker_tls=worker_tls)
     print(f"coordinator listening on {args.host}:{port}", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: server.stop(5))
     server.wait_for_termination()

@@ -1,4 +1,8 @@
-"""Coordinator and google.longrunning.Operations servicers: builds as long-running operations."""
+"""Coordinator and google.longrunning.Operations servicers: builds as long-running operations.
+
+Every handler asks ctx.ownership first (services/coordinator/ownership.py): a builder sees only its
+own builds and operations, and may build only from artifacts it may read.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -11,6 +15,7 @@ from google.protobuf import empty_pb2
 
 from edgeforge.v1 import coordinator_pb2, coordinator_pb2_grpc
 from services.coordinator.context import CoordinatorContext
+from services.coordinator.ownership import artifact_shas
 from services.coordinator.pipeline import BuildRunner
 from services.coordinator.spec import validate
 from shared.errors import FailedPrecondition, InvalidArgument
@@ -73,6 +78,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     def CreateBuild(self, request, context):
         if len(request.request_id) > 128:
             raise InvalidArgument("request_id is longer than 128 characters", field="request_id")
+        for sha256 in artifact_shas(request.spec):         # AIP-211: refuse others' inputs before looking them up
+            self.ctx.ownership.check_artifact(sha256, field="spec")
         spec, _ = validate(request.spec, self.ctx.store)
         request_hash = hashlib.sha256(request.spec.SerializeToString(deterministic=True)).hexdigest()
         build_id = f"b-{uuid.uuid4().hex[:12]}"
@@ -82,18 +89,24 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         progress = coordinator_pb2.BuildProgress(build=build.name, stage=coordinator_pb2.BUILD_STAGE_QUEUED,
                                                  message="queued", update_time=build.create_time)
         build_id, created = self.ctx.state.create_build(build, progress, request.request_id, request_hash)
+        self.ctx.ownership.record_build(build_id, created)
         if created:
             self.builds.start(build_id)
         return self.builds.operation(build_id)
 
+    def _owned(self, name: str) -> str:
+        build_id = parse_build_id(name)
+        self.ctx.ownership.check_build(build_id)
+        return build_id
+
     @rpc
     def GetBuild(self, request, context):
-        return self.ctx.state.load_build(parse_build_id(request.name))[0]
+        return self.ctx.state.load_build(self._owned(request.name))[0]
 
     @rpc
     def ListBuilds(self, request, context):
         size, offset = page(request.page_size, request.page_token, 50)
-        ids = self.ctx.state.list_builds(size + 1, offset)
+        ids = self.ctx.ownership.list_builds(size + 1, offset)
         return coordinator_pb2.ListBuildsResponse(builds=[self.ctx.state.load_build(i)[0] for i in ids[:size]],
                                                   next_page_token=next_token(offset, size, len(ids)))
 
@@ -102,14 +115,19 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
     def __init__(self, ctx: CoordinatorContext, builds: Builds):
         self.ctx, self.builds = ctx, builds
 
+    def _owned(self, name: str) -> str:
+        build_id = parse_build_id(name, "operations/")
+        self.ctx.ownership.check_build(build_id)
+        return build_id
+
     @rpc
     def GetOperation(self, request, context):
-        return self.builds.operation(parse_build_id(request.name, "operations/"))
+        return self.builds.operation(self._owned(request.name))
 
     @rpc
     def ListOperations(self, request, context):
         size, offset = page(request.page_size, request.page_token, 50)
-        ids = self.ctx.state.list_builds(size + 1, offset)
+        ids = self.ctx.ownership.list_builds(size + 1, offset)
         return operations_pb2.ListOperationsResponse(operations=[self.builds.operation(i) for i in ids[:size]],
                                                      next_page_token=next_token(offset, size, len(ids)))
 
@@ -119,11 +137,11 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
         remaining = context.time_remaining()
         if remaining is not None:
             timeout_s = min(timeout_s, max(remaining - 0.5, 0.0))
-        return self.builds.wait(parse_build_id(request.name, "operations/"), timeout_s)
+        return self.builds.wait(self._owned(request.name), timeout_s)
 
     @rpc
     def CancelOperation(self, request, context):
-        build_id = parse_build_id(request.name, "operations/")
+        build_id = self._owned(request.name)
         self.ctx.state.request_cancel(build_id)
         self.ctx.scheduler.cancel_build(build_id)
         self.ctx.notify()
@@ -131,7 +149,7 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
 
     @rpc
     def DeleteOperation(self, request, context):
-        build_id = parse_build_id(request.name, "operations/")
+        build_id = self._owned(request.name)
         if not self.ctx.state.load_build(build_id)[2]:
             raise FailedPrecondition(f"operations/{build_id} is still running; cancel it first",
                                      reason="INVALID_FIELD", field="name")

@@ -5,11 +5,17 @@ Invariants
 - An upload's bytes live in `uploads/<id>.part` until the last byte arrives and the digest matches;
   only then does the artifact appear. A wrong digest discards the upload and stores nothing.
 - `derivations` memoise work: a key (stage + input digests + config) maps to the artifact it made.
+- A full disk is ResourceExhausted (reason STORAGE_FULL) naming the path and bytes, never a partial blob:
+  a failed blob write leaves no temp file, a failed upload write keeps only the bytes fsynced before it,
+  and a failed row insert leaves at most an orphan blob (harmless; `edgeforge store check` lists it).
+- Opening the store removes temp files whose writer process is dead (what a crash leaves behind).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import time
 import uuid
@@ -18,10 +24,11 @@ from typing import Iterable, Iterator
 
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange, ResourceExhausted, \
     AlreadyExists
-from shared.store.blobs import CHUNK_BYTES, BlobStore, check_sha256
+from shared.store.blobs import CHUNK_BYTES, BlobStore, check_sha256, disk_full_is_resource_exhausted, free_bytes
 from shared.store.database import Database
 from shared.store.records import ArtifactKind, ArtifactRecord, Lineage, UploadRecord
 
+log = logging.getLogger(__name__)
 MAX_UPLOAD_BYTES_DEFAULT = 64 << 30      # 64 GiB
 
 SCHEMA = [
@@ -50,6 +57,8 @@ class ArtifactStore:
         self.uploads_dir.mkdir(parents=True, exist_ok=True)
         self.max_upload_bytes = max_upload_bytes
         db.migrate(SCHEMA)
+        for entry in self.blobs.sweep_temp():
+            log.info("removed %s, left behind by a writer that is gone", entry)
 
     # ------------------------------------------------------------------ artifacts
     def get(self, sha256: str) -> ArtifactRecord:
@@ -112,14 +121,19 @@ class ArtifactStore:
     # ------------------------------------------------------------------ uploads
     def create_upload(self, kind: ArtifactKind, size_bytes: int, sha256: str, *, media_type: str = "",
                       display_name: str = "", labels: dict[str, str] | None = None,
-                      request_id: str = "", lineage: Lineage = Lineage()) -> UploadRecord:
+                      request_id: str = "", lineage: Lineage = Lineage(), dedupe: bool = True) -> UploadRecord:
+        """A new upload (or the one `request_id` made before). With `dedupe`, bytes already stored complete
+        it at once; without (a caller who may not read that blob), the caller must send every byte, so
+        knowing a digest never grants its content."""
         check_sha256(sha256)
+        check_upload_metadata(media_type=media_type, display_name=display_name, request_id=request_id,
+                              labels=labels or {})
         if size_bytes < 0:
             raise InvalidArgument(f"size_bytes must be >= 0, got {size_bytes}", field="size_bytes")
         if size_bytes > self.max_upload_bytes:
             raise ResourceExhausted(f"size_bytes {size_bytes} exceeds this server's upload limit of "
                                     f"{self.max_upload_bytes} bytes", field="size_bytes")
-        free = _free_bytes(self.uploads_dir)
+        free = free_bytes(self.uploads_dir)
         if size_bytes > free:
             raise ResourceExhausted(f"size_bytes {size_bytes} exceeds the {free} bytes free on the "
                                     f"store's disk", field="size_bytes")
@@ -136,14 +150,16 @@ class ArtifactStore:
                                             f"upload", field="request_id")
                     return _upload_from_row(row)
             upload_id = uuid.uuid4().hex
-            already = conn.execute("SELECT 1 FROM artifacts WHERE sha256 = ?", (sha256,)).fetchone()
+            already = dedupe and conn.execute("SELECT 1 FROM artifacts WHERE sha256 = ?", (sha256,)).fetchone()
             conn.execute(
                 "INSERT INTO uploads VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (upload_id, request_id or None, request_hash, kind.value, size_bytes, sha256,
                  media_type or "application/octet-stream", display_name, json.dumps(labels),
                  size_bytes if already else 0, 1 if already else 0, time.time(), _lineage_json(lineage)))
         if not already:
-            (self.uploads_dir / f"{upload_id}.part").touch()
+            part = self.uploads_dir / f"{upload_id}.part"
+            with disk_full_is_resource_exhausted(part, 0):
+                part.touch()
         return self.get_upload(upload_id)
 
     def get_upload(self, upload_id: str) -> UploadRecord:
@@ -166,23 +182,43 @@ class ArtifactStore:
                              f"{upload.committed_bytes} bytes committed; resume from there",
                              field="offset", metadata={"committed_bytes": str(upload.committed_bytes)})
         part = self.uploads_dir / f"{upload_id}.part"
+        if not part.exists():
+            self._restart_upload(upload_id)
+            if offset:
+                raise OutOfRange(f"upload {upload.name} lost its bytes (its part file is gone); resume from 0",
+                                 field="offset", metadata={"committed_bytes": "0"})
         committed = offset
-        with open(part, "r+b") as f:
+        # Unbuffered, so a failed write leaves nothing in a buffer to be flushed later: what reached the
+        # file past the last fsync is cut off again, and only fsynced bytes are ever counted as committed.
+        with disk_full_is_resource_exhausted(part, upload.size_bytes), open(part, "r+b", buffering=0) as f:
             f.truncate(committed)             # drop any bytes written but never committed
             f.seek(committed)
+            durable, failure = committed, None
             try:
                 for chunk in chunks:
                     if committed + len(chunk) > upload.size_bytes:
                         raise InvalidArgument(
                             f"upload {upload.name} declared {upload.size_bytes} bytes but "
                             f"{committed + len(chunk)} arrived", reason="TOO_LARGE", field="data")
-                    f.write(chunk)
+                    _write_all(f, chunk)
                     committed += len(chunk)
+            except BaseException as error:
+                failure = error
+                raise
             finally:
-                f.flush()
-                os.fsync(f.fileno())
-                f.truncate(committed)
-                self._set_committed(upload_id, committed)
+                try:
+                    os.fsync(f.fileno())
+                    durable = committed
+                finally:
+                    f.truncate(durable)
+                    try:
+                        self._set_committed(upload_id, durable)
+                    except ResourceExhausted:
+                        if failure is None:
+                            raise
+                        # The disk is full for the database too: the row keeps its older count, and the next
+                        # write cuts the file back to it. The first error says why; it goes on.
+                        log.warning("upload %s: could not record %d committed bytes", upload.name, durable)
         if committed == upload.size_bytes:
             return self._finish_upload(upload_id)
         return self.get_upload(upload_id)
@@ -191,16 +227,29 @@ class ArtifactStore:
         with self.db.transaction() as conn:
             conn.execute("UPDATE uploads SET committed_bytes = ? WHERE upload_id = ?", (committed, upload_id))
 
+    def _restart_upload(self, upload_id: str) -> None:
+        """Back to zero bytes: an empty part file and committed_bytes 0."""
+        with self.db.transaction() as conn:
+            conn.execute("UPDATE uploads SET committed_bytes = 0 WHERE upload_id = ?", (upload_id,))
+        part = self.uploads_dir / f"{upload_id}.part"
+        with contextlib.suppress(OSError):          # a full disk: the next write creates it
+            part.touch()
+
     def _finish_upload(self, upload_id: str) -> UploadRecord:
         upload = self.get_upload(upload_id)
         part = self.uploads_dir / f"{upload_id}.part"
-        try:
-            sha, size = self.blobs.commit(part, expected_sha256=upload.sha256)
-        except InvalidArgument:
-            with self.db.transaction() as conn:     # the bytes are wrong: start over from zero
-                conn.execute("UPDATE uploads SET committed_bytes = 0 WHERE upload_id = ?", (upload_id,))
-            part.touch()
-            raise
+        if part.exists():
+            try:
+                sha, size = self.blobs.commit(part, expected_sha256=upload.sha256)
+            except (InvalidArgument, ResourceExhausted):
+                self._restart_upload(upload_id)     # wrong bytes, or no room to keep them: start over from zero
+                raise
+        elif self.blobs.exists(upload.sha256):      # the blob was committed, then the row could not be written
+            sha, size = upload.sha256, self.blobs.path(upload.sha256).stat().st_size
+        else:
+            self._restart_upload(upload_id)
+            raise OutOfRange(f"upload {upload.name} lost its bytes (its part file is gone); resume from 0",
+                             field="offset", metadata={"committed_bytes": "0"})
         row = self.db.query("SELECT lineage_json FROM uploads WHERE upload_id = ?", (upload_id,))[0]
         self._insert(ArtifactRecord(sha, upload.kind, size, upload.media_type, upload.display_name,
                                     time.time(), _lineage_from_json(row["lineage_json"]), upload.labels))
@@ -219,9 +268,32 @@ class ArtifactStore:
         return self.get(record.sha256)
 
 
-def _free_bytes(path: Path) -> int:
-    stat = os.statvfs(path)
-    return stat.f_bavail * stat.f_frsize
+def _write_all(f, chunk: bytes) -> None:
+    """An unbuffered file may take part of a chunk per write."""
+    view = memoryview(chunk)
+    while view:
+        view = view[f.write(view):]
+
+
+# Limits on an upload's descriptive fields: they are stored in a row and echoed in every listing, so
+# a client may not make them arbitrarily large (the same bound as an agent's labels).
+MAX_NAME_CHARS = 1024
+MAX_LABELS = 256
+MAX_LABEL_CHARS = 256
+
+
+def check_upload_metadata(*, media_type: str, display_name: str, request_id: str, labels: dict[str, str]) -> None:
+    """INVALID_ARGUMENT naming the field when an upload's descriptive fields exceed their limits."""
+    for field, value, limit in (("media_type", media_type, 255), ("display_name", display_name, MAX_NAME_CHARS),
+                                ("request_id", request_id, 128)):
+        if len(value) > limit:
+            raise InvalidArgument(f"{field} is {len(value)} characters; the limit is {limit}", field=field)
+    if len(labels) > MAX_LABELS:
+        raise InvalidArgument(f"labels has {len(labels)} entries; the limit is {MAX_LABELS}", field="labels")
+    for key, value in labels.items():
+        if not key or len(key) > MAX_LABEL_CHARS or len(value) > MAX_LABEL_CHARS:
+            raise InvalidArgument(f"label {key[:40]!r}: keys must be 1-{MAX_LABEL_CHARS} characters and values at "
+                                  f"most {MAX_LABEL_CHARS}", field=f"labels[{key[:40]}]")
 
 
 def _lineage_json(lineage: Lineage) -> str:

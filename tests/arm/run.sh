@@ -91,10 +91,13 @@ done
 [[ -n $address ]] || die "the coordinator printed no address in 60 s; see $RUN/coordinator.log"
 port=${address##*:}
 log "coordinator on 127.0.0.1:$port"
+# Authentication is on: every CLI call below uses the admin token the coordinator wrote (0600) before
+# it printed its address.
+export EDGEFORGE_TOKEN_FILE="$RUN/data/admin.token"
 
 # The token goes to the agent in a file (0600), not on its command line where ps shows it.
 umask 077
-"${CLI[@]}" tokens create --data-dir "$RUN/data" --role agent --name arm-board > "$ROOTFS/tmp/arm-board.token"
+"${CLI[@]}" --address "127.0.0.1:$port" tokens create --role agent --name arm-board > "$ROOTFS/tmp/arm-board.token"
 umask 022
 rm -rf "$ROOTFS/tmp/agent"                     # a fresh cache: the artifacts are really fetched
 in_chroot edgeforge-agent --coordinator "127.0.0.1:$port" --token-file /tmp/arm-board.token \

@@ -46,9 +46,9 @@ def stop(*processes: subprocess.Popen) -> None:
             process.kill()
 
 
-def cli(address: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "clients.cli.main", "--address", address, *args],
-                          capture_output=True, text=True, env=ENV, timeout=1200)
+def cli(address: str, *args: str, token_file: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "clients.cli.main", "--address", address, "--token-file",
+                           str(token_file), *args], capture_output=True, text=True, env=ENV, timeout=1200)
 
 
 def write_spec(path: Path, model: Path, assets: Path, **overrides) -> Path:
@@ -69,14 +69,18 @@ def write_spec(path: Path, model: Path, assets: Path, **overrides) -> Path:
 def test_edgeforge_up_and_cli_on_the_real_model(tmp_path, assets, smollm2_dir):
     up, address = start(["clients.cli.main", "up", "--port", "0", "--data-dir", str(tmp_path / "data")],
                         tmp_path / "up.log")
+    admin = tmp_path / "data" / "admin.token"            # written (0600) before "listening on" was printed
+    assert admin.stat().st_mode & 0o777 == 0o600
     try:
         deadline = time.monotonic() + 60
-        while '"devices/' not in (listing := cli(address, "devices", "--json").stdout) and time.monotonic() < deadline:
+        while '"devices/' not in (listing := cli(address, "devices", "--json", token_file=admin).stdout) \
+                and time.monotonic() < deadline:
             time.sleep(0.5)
         device = json.loads(listing)[0]
         assert device["attributes"]["os"] == "linux" and "runtime:llama.cpp" in device["attributes"]
 
-        result = cli(address, "build", str(write_spec(tmp_path / "spec.yaml", smollm2_dir, assets)), "--wait", "--json")
+        result = cli(address, "build", str(write_spec(tmp_path / "spec.yaml", smollm2_dir, assets)), "--wait", "--json",
+                     token_file=admin)
         assert result.returncode == 0, result.stderr[-3000:]
         report = json.loads(result.stdout)
         assert report["state"] == "succeeded" and 10 < report["baseline"]["value"] < 60
@@ -90,20 +94,21 @@ def test_edgeforge_up_and_cli_on_the_real_model(tmp_path, assets, smollm2_dir):
         assert rows["gguf-q4_0"]["quality"]["delta_pct"] > rows["onnx-int8-per_channel-sym"]["quality"]["delta_pct"]
         chosen = rows[measured["chosen"]]
 
-        again = cli(address, "builds", "get", report["build"], "--json")
+        again = cli(address, "builds", "get", report["build"], "--json", token_file=admin)
         assert again.returncode == 0 and json.loads(again.stdout)["devices"][0]["chosen"] == measured["chosen"]
-        fetched = cli(address, "artifacts", "get", chosen["artifact"], "-o", str(tmp_path / "chosen.bin"))
+        fetched = cli(address, "artifacts", "get", chosen["artifact"], "-o", str(tmp_path / "chosen.bin"),
+                      token_file=admin)
         assert fetched.returncode == 0, fetched.stderr
         assert hashlib.sha256((tmp_path / "chosen.bin").read_bytes()).hexdigest() == chosen["artifact"]
 
         bad = tmp_path / "bad.yaml"
         bad.write_text((tmp_path / "spec.yaml").read_text().replace("quantization:", "quantisation:", 1))
-        rejected = cli(address, "build", str(bad), "--wait")
+        rejected = cli(address, "build", str(bad), "--wait", token_file=admin)
         assert rejected.returncode == 2 and "did you mean 'quantization'" in rejected.stderr
 
         unmet = write_spec(tmp_path / "unmet.yaml", smollm2_dir, assets, constraints={"max_size_bytes": 1000},
                            candidates=[{"format": "gguf", "quantization": {"type": "q4_0"}}])
-        assert cli(address, "build", str(unmet), "--wait").returncode == 3    # reuses every stage, then rejects
+        assert cli(address, "build", str(unmet), "--wait", token_file=admin).returncode == 3    # reuses every stage, then rejects
     finally:
         stop(up)
 
@@ -114,21 +119,28 @@ def test_every_service_in_its_own_process(tmp_path, assets, tiny_model_dir):
         coordinator_port = probe.getsockname()[1]
     coordinator_address = f"127.0.0.1:{coordinator_port}"
     workers, addresses = [], {}
+    # Bootstrap: an admin token for the workers, written into the database before the coordinator starts.
+    worker_token = tmp_path / "workers.token"
+    worker_token.write_text(subprocess.run(
+        [sys.executable, "-m", "clients.cli.main", "tokens", "create", "--offline", "--data-dir", str(tmp_path / "data"),
+         "--role", "admin", "--name", "standalone workers"], env=ENV, capture_output=True, text=True,
+        check=True).stdout.strip())
     for name in ("calibrator", "compressor", "exporter"):
         process, address = start([f"services.{name}.server", "--port", "0", "--coordinator", coordinator_address,
-                                  "--cache-dir", str(tmp_path / f"cache-{name}")], tmp_path / f"{name}.log")
+                                  "--cache-dir", str(tmp_path / f"cache-{name}"), "--token-file", str(worker_token)],
+                                 tmp_path / f"{name}.log")
         workers.append(process)
         addresses[name] = address
     coordinator, address = start(["services.coordinator.server", "--port", str(coordinator_port), "--data-dir",
                                   str(tmp_path / "data"), *[f"--{k}={v}" for k, v in addresses.items()]],
                                  tmp_path / "coordinator.log")
-    token = subprocess.run([sys.executable, "-m", "clients.cli.main", "tokens", "create", "--data-dir",
+    token = subprocess.run([sys.executable, "-m", "clients.cli.main", "tokens", "create", "--offline", "--data-dir",
                             str(tmp_path / "data"), "--name", "standalone agent"], env=ENV, capture_output=True,
                            text=True, check=True).stdout.strip()
     agent = subprocess.Popen([sys.executable, "-m", "clients.agent.main", "--coordinator", address, "--cache-dir",
                               str(tmp_path / "agent"), "--label", "device=standalone", "--token", token], env=ENV,
                              stderr=open(tmp_path / "agent.log", "w"))
-    client = Client(address)
+    client = Client(address, token=(tmp_path / "data" / "admin.token").read_text().strip())
     try:
         spec = spec_file.load(write_spec(tmp_path / "spec.yaml", tiny_model_dir, assets,
                                          targets=[{"selector": {"device": "standalone"}}],

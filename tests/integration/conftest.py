@@ -1,4 +1,5 @@
-"""A real coordinator (embedded workers) on 127.0.0.1:0 with its data in tmp_path."""
+"""A real coordinator (embedded workers, authentication on) on 127.0.0.1:0 with its data in tmp_path.
+Its client is authenticated as admin (the coordinator's own admin token)."""
 from __future__ import annotations
 
 import pytest
@@ -10,8 +11,9 @@ from clients.python.client import Client
 def coordinator(tmp_path):
     from services.coordinator.server import create_server
     server, port, ctx = create_server("127.0.0.1:0", tmp_path / "data", device_wait_s=2.0, lease_ttl_s=2.0)
-    client = Client(f"127.0.0.1:{port}")
+    client = Client(f"127.0.0.1:{port}", token=ctx.admin_token)
     client.ctx = ctx
+    client.admin_token = ctx.admin_token
     client.agent_token = ctx.tokens.create("agent", "integration-test agent")[1]
     client.agent_metadata = (("authorization", f"Bearer {client.agent_token}"),)
     yield client

@@ -12,7 +12,7 @@ from status_checks import reason, rpc_code
 
 from clients.python import spec as spec_file
 from clients.python.client import build_name
-from edgeforge.v1 import agent_pb2, common_pb2, coordinator_pb2
+from edgeforge.v1 import agent_pb2, agent_pb2_grpc, common_pb2, coordinator_pb2
 from google.longrunning import operations_proto_pb2 as operations_pb2
 
 
@@ -172,7 +172,9 @@ def test_agent_gateway_bad_input(coordinator):
 
 def test_agent_gateway_refuses_missing_unknown_revoked_and_wrong_role_tokens(coordinator):
     """Every AgentGateway call needs a live agent token; revoking one refuses its very next call."""
-    agents, tokens = coordinator.agents, coordinator.ctx.tokens
+    from shared.server import channel
+    agents = agent_pb2_grpc.AgentGatewayStub(channel(coordinator.address))     # no token of its own
+    tokens = coordinator.ctx.tokens
     register = agent_pb2.RegisterAgentRequest(device_id="tok-1", attributes={"os": "linux"})
     token, secret = tokens.create("agent", "soon revoked")
     _, builder = tokens.create("builder", "a build pipeline")

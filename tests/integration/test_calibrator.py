@@ -15,16 +15,21 @@ from services.calibrator.stats import tokenizer_of
 from services.calibrator.stats_file import CalibrationStats
 from shared.artifact_access import RemoteArtifacts
 from shared.datasets import TOKEN_IDS_MAGIC
+from shared.auth import RemoteVerifier
 from shared.grpc_status import error_details
 from shared.models.bundle import ModelDir
+from shared.server import channel
 
 
 @pytest.fixture
 def calibrator(coordinator, tmp_path):
-    server, port = create_server("127.0.0.1:0", RemoteArtifacts(coordinator.address, tmp_path / "calibrator-cache"))
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    yield calibrator_pb2_grpc.CalibratorStub(channel)
-    channel.close()
+    to_coordinator = channel(coordinator.address, token=coordinator.admin_token)
+    access = RemoteArtifacts(coordinator.address, tmp_path / "calibrator-cache", token=coordinator.admin_token)
+    server, port = create_server("127.0.0.1:0", access, RemoteVerifier(to_coordinator))   # callers checked by WhoAmI
+    channel_ = channel(f"127.0.0.1:{port}", token=coordinator.admin_token)
+    yield calibrator_pb2_grpc.CalibratorStub(channel_)
+    channel_.close()
+    to_coordinator.close()
     server.stop(0).wait()
 
 

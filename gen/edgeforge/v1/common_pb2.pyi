@@ -99,6 +99,8 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     WRONG_ROLE: _ClassVar[ErrorReason]
     RUNTIME_UNAVAILABLE: _ClassVar[ErrorReason]
     ATTEMPTS_EXHAUSTED: _ClassVar[ErrorReason]
+    STORAGE_FULL: _ClassVar[ErrorReason]
+    NOT_OWNER: _ClassVar[ErrorReason]
 
 class PruneMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -180,6 +182,8 @@ INVALID_TOKEN: ErrorReason
 WRONG_ROLE: ErrorReason
 RUNTIME_UNAVAILABLE: ErrorReason
 ATTEMPTS_EXHAUSTED: ErrorReason
+STORAGE_FULL: ErrorReason
+NOT_OWNER: ErrorReason
 PRUNE_METHOD_UNSPECIFIED: PruneMethod
 PRUNE_METHOD_MAGNITUDE: PruneMethod
 PRUNE_METHOD_WANDA: PruneMethod

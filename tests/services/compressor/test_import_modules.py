@@ -27,7 +27,7 @@ CNN_INPUT = {"image": {"channels": 1, "size": 28, "mean": [0.286], "std": [0.353
 def coordinator(tmp_path):
     from services.coordinator.server import create_server
     server, port, ctx = create_server("127.0.0.1:0", tmp_path / "data", device_wait_s=2.0, lease_ttl_s=2.0)
-    client = Client(f"127.0.0.1:{port}")
+    client = Client(f"127.0.0.1:{port}", token=ctx.admin_token)
     client.ctx = ctx
     yield client
     client.close()
