@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,9 @@ from edgeforge.v1 import common_pb2, coordinator_pb2
 from shared.errors import InvalidArgument
 from shared.quant.grids import FLOAT_TYPES, GGUF_TYPES
 from shared.quant.proto import quantization_from_proto
+
+
+MAX_SPEC_BYTES = 1 << 20          # a spec is a page of YAML; anything near this size is not one
 
 
 class SpecError(ValueError):
@@ -127,6 +131,8 @@ def _positive(value: int | float | None, field: str, upper: float | None = None,
     """Checks value > 0 (or >= lower when given) and <= upper."""
     if value is None:
         return value
+    if not math.isfinite(value):                 # YAML's .nan and .inf are floats too
+        raise SpecError(field, f"must be a finite number, got {value}")
     too_low = value < lower if lower is not None else value <= 0
     if too_low or (upper is not None and value > upper):
         low = f"[{lower:g}" if lower is not None else "(0"
@@ -332,6 +338,8 @@ def _step(raw: dict, field: str, export_format: str) -> common_pb2.CompressionSt
     proto = common_pb2.PruneConfig(method=_choice(PRUNE_METHODS, body.get("method", ""), f"{where}.method"),
                                    sparsity=float(body.get("sparsity", 0)), n=body.get("n", 0), m=body.get("m", 0),
                                    schedule=[float(v) for v in body.get("schedule", [])])
+    if not 0 <= proto.sparsity < 1:
+        raise SpecError(f"{where}.sparsity", f"must be in [0, 1), got {proto.sparsity}")
     if "scope" in body:
         proto.scope = _choice(PRUNE_SCOPES, body["scope"], f"{where}.scope")
     if "unit" in body:
@@ -349,11 +357,19 @@ def _constraints(raw: dict, proto: coordinator_pb2.Constraints, field: str) -> N
 
 
 def load(path: Path) -> SpecFile:
+    """Parses a spec file with yaml.safe_load (no tags that build Python objects), at most MAX_SPEC_BYTES."""
     import yaml
     try:
+        size = path.stat().st_size
+        if size > MAX_SPEC_BYTES:
+            raise SpecError("spec", f"{path.name} is {size} bytes; a spec file is at most {MAX_SPEC_BYTES} bytes")
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         raise SpecError("spec", f"{path.name} is not valid YAML: {error}")
+    except RecursionError:                      # PyYAML parses nested collections recursively
+        raise SpecError("spec", f"{path.name} is not valid YAML: it is nested too deeply")
+    except UnicodeDecodeError as error:
+        raise SpecError("spec", f"{path.name} is not UTF-8 text (byte {error.start}: {error.reason})")
     except OSError as error:
         raise SpecError("spec", f"cannot read {path}: {error.strerror}")
     return parse(raw, path.parent)

@@ -182,6 +182,10 @@ class CompressorServicer(compressor_pb2_grpc.CompressorServicer):
                                   field="evaluation_dataset")
         datasets = {field: self.access.local_path(getattr(request, field)) if getattr(request, field) else None
                     for field in ("calibration_dataset", "training_dataset", "evaluation_dataset")}
+        for field, path in datasets.items():     # before the source model's evaluation, which takes a while
+            if path is not None and path.stat().st_size == 0:
+                raise InvalidArgument(f"{field} {getattr(request, field)} is empty", reason="INSUFFICIENT_DATA",
+                                      field=field)
         data = TransformData(task, datasets["calibration_dataset"], request.calibration_samples or
                              (32 if task == "causal_lm" else 128), request.calibration_sequence_length or
                              DEFAULT_SEQUENCE_LENGTH, datasets["training_dataset"], datasets["evaluation_dataset"],

@@ -95,7 +95,7 @@ class ExporterServicer(exporter_pb2_grpc.ExporterServicer):
             raise InvalidArgument("quantization is the weight grid of image and encoder models (module bundles); "
                                   "an LM carries its grid in compressed", field="quantization")
         model, model_sha = open_model(self.access, request.model)
-        compressed = CompressedModel(self.access.local_path(request.compressed)) if request.compressed else None
+        compressed = self._compressed(request.compressed) if request.compressed else None
         activations = None
         if options.int8_activations:
             if not request.calibration:
@@ -122,6 +122,14 @@ class ExporterServicer(exporter_pb2_grpc.ExporterServicer):
         finally:
             shutil.rmtree(work, ignore_errors=True)
         return exporter_pb2.ExportResponse(exported=artifact_to_proto(record), validation=validation_to_proto(result))
+
+    def _compressed(self, name: str) -> CompressedModel:
+        """The compressed model `name`; any other kind of artifact is refused before its bytes are parsed."""
+        record = self.access.get(name)
+        if record.kind != ArtifactKind.COMPRESSED_MODEL:
+            raise InvalidArgument(f"compressed {name} is a {record.kind.value}, not a compressed model",
+                                  reason="UNKNOWN_MODEL_FORMAT", field="compressed")
+        return CompressedModel(self.access.local_path(name))
 
     def _scratch(self) -> Path:
         scratch = self.access.cache_dir / "tmp"
