@@ -170,7 +170,7 @@ def test_a_real_full_disk(tmpfs):
 
     _fill(tmpfs, 0)                                           # not one byte left: the database refuses too
     with pytest.raises(ResourceExhausted) as error:
-        store.create_upload(ArtifactKind.DATASET, 0, "ab" * 32, labels={"note": "x" * (1 << 20)})
+        store.create_upload(ArtifactKind.DATASET, 0, "ab" * 32, labels={f"note{i}": "x" * 256 for i in range(256)})
     _assert_storage_full(error.value, "edgeforge.db")
     assert store.db.query("SELECT COUNT(*) AS n FROM uploads")[0]["n"] == 2          # rolled back
 
