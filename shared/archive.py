@@ -13,9 +13,10 @@ import tarfile
 import tempfile
 from pathlib import Path, PurePosixPath
 
+from shared import untrusted
 from shared.errors import InvalidArgument
 
-MAX_MEMBERS = 10_000
+MAX_MEMBERS = untrusted.MAX_ARCHIVE_MEMBERS
 MEDIA_TYPE_SUFFIX = "+tar"
 
 
@@ -38,14 +39,6 @@ def pack_tree(directory: Path, out: Path) -> None:
                 tar.addfile(info, f)
 
 
-def _checked_name(name: str) -> PurePosixPath:
-    path = PurePosixPath(name)
-    if path.is_absolute() or not path.parts or any(part in ("", ".", "..") for part in path.parts) or "\\" in name:
-        raise InvalidArgument(f"archive member {name[:100]!r} escapes its directory; refused",
-                              reason="MALFORMED_ARTIFACT", field="artifact")
-    return path
-
-
 def unpack_tree(archive: Path, destination: Path) -> Path:
     """Extracts a pack_tree archive under `destination` (created atomically); returns the top-level
     directory inside it (e.g. destination/model.mlpackage)."""
@@ -58,22 +51,16 @@ def unpack_tree(archive: Path, destination: Path) -> Path:
     try:
         tops: set[str] = set()
         with tarfile.open(archive, "r:") as tar:
-            for count, member in enumerate(tar, 1):
-                if count > MAX_MEMBERS:
-                    raise InvalidArgument(f"archive has more than {MAX_MEMBERS} members; refused",
-                                          reason="MALFORMED_ARTIFACT", field="artifact")
-                path = _checked_name(member.name)
+            for member, path in untrusted.checked_members(tar, archive.stat().st_size, "artifact", directories=True,
+                                                          reason="MALFORMED_ARTIFACT", field="artifact"):
                 tops.add(path.parts[0])
                 target = staging.joinpath(*path.parts)
                 if member.isdir():
                     target.mkdir(parents=True, exist_ok=True)
-                elif member.isfile():
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    with tar.extractfile(member) as source, open(target, "wb") as out:
-                        shutil.copyfileobj(source, out, 1 << 20)
-                else:
-                    raise InvalidArgument(f"archive member {member.name[:100]!r} is not a file or directory; "
-                                          "refused", reason="MALFORMED_ARTIFACT", field="artifact")
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with tar.extractfile(member) as source, open(target, "wb") as out:
+                    shutil.copyfileobj(source, out, 1 << 20)
         if len(tops) != 1:
             raise InvalidArgument(f"archive must hold one top-level directory, found {len(tops)}",
                                   reason="MALFORMED_ARTIFACT", field="artifact")

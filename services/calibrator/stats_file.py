@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
-from safetensors import SafetensorError, safe_open
 
 from services.calibrator.accumulate import RANGE_KEYS, SiteSummary
-from shared.errors import Internal, InvalidArgument
+from shared import untrusted
+from shared.errors import EdgeforgeError, Internal, InvalidArgument
+from shared.models.bundle import read_rows, stored_tensors
 from shared.tensors.safetensors_writer import write_safetensors
 
 METADATA_KEY = "edgeforge.calibration"
@@ -34,6 +35,7 @@ MEDIA_TYPE = "application/x-edgeforge-calibration+safetensors"
 VERSION = 2                    # 1: per-weight abs_max and mean_abs only (no sites, Hessians or ranges)
 FIELD = "calibration_stats"
 PROVENANCE_KEYS = ("model", "dataset", "samples", "sequence_length", "tokens")
+MAX_IN_FEATURES = 1 << 20      # input channels of one linear; a Hessian of this side is already 4 TiB
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +87,7 @@ class CalibrationStats:
 
     def __init__(self, path: Path, metadata: dict, sites: dict[str, Site]):
         self.path = path
+        self._stored = stored_tensors(path)
         self.metadata = metadata
         self._sites = sites
         self._site_of = {weight: site for site in sites.values() for weight in site.weights}
@@ -93,17 +96,23 @@ class CalibrationStats:
     def open(cls, path: Path) -> "CalibrationStats":
         """Validates the header, the metadata and every tensor's shape (no data is read)."""
         try:
-            with safe_open(str(path), framework="np") as f:
-                raw = (f.metadata() or {}).get(METADATA_KEY)
-                shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
-        except (SafetensorError, OSError) as error:
-            raise _malformed(f"not a readable safetensors file ({error})")
+            header = untrusted.read_safetensors_header(path)     # lengths, dtypes, offsets vs the file size
+        except OSError as error:
+            raise _malformed(f"not a readable safetensors file ({error.strerror})")
+        except EdgeforgeError as error:
+            raise type(error)(f"{FIELD}: not a readable safetensors file ({error.message})", reason=error.reason,
+                              field=FIELD) from error
+        raw = header.metadata.get(METADATA_KEY)
+        shapes = {name: entry.shape for name, entry in header.tensors.items()}
+        stored = header.tensors
         if raw is None:
             raise _malformed(f"no metadata key {METADATA_KEY!r}; not a calibration statistics file")
         try:
             header = json.loads(raw)
-        except json.JSONDecodeError as error:
-            raise _malformed(f"metadata {METADATA_KEY!r} is not JSON: {error.msg}")
+        except RecursionError:
+            raise _malformed(f"metadata {METADATA_KEY!r} nests too deeply")
+        except ValueError as error:               # JSONDecodeError, or an integer too long to convert
+            raise _malformed(f"metadata {METADATA_KEY!r} is not JSON: {str(error)[:200]}")
         if not isinstance(header, dict) or header.get("version") != VERSION:
             found = header.get("version", 1) if isinstance(header, dict) else None
             raise _malformed(f"statistics format version {found}; this reader needs version {VERSION} "
@@ -111,21 +120,29 @@ class CalibrationStats:
         missing = [key for key in PROVENANCE_KEYS + ("sites",) if key not in header]
         if missing:
             raise _malformed(f"metadata lacks {missing}")
+        if not isinstance(header["sites"], dict):
+            raise _malformed("metadata sites must be an object {site: {weights, in_features, hessian}}")
         sites = {name: cls._site(name, entry) for name, entry in header["sites"].items()}
         declared = layout(list(sites.values()))
-        for name, (shape, _) in declared.items():
+        dtypes = {name: entry.dtype for name, entry in stored.items()}
+        for name, (shape, dtype) in declared.items():
             if shapes.get(name) != shape:
                 raise _malformed(f"tensor {name} has shape {shapes.get(name)}, the metadata implies {shape}")
+            if dtypes[name] != dtype:
+                raise _malformed(f"tensor {name} is {dtypes[name]}, the metadata implies {dtype}")
         metadata = {key: header[key] for key in PROVENANCE_KEYS + ("version", "hessians") if key in header}
         return cls(path, metadata, sites)
 
     @staticmethod
     def _site(name: str, entry) -> Site:
         try:
-            return Site(name, tuple(str(w) for w in entry["weights"]), int(entry["in_features"]),
+            site = Site(name, tuple(str(w) for w in entry["weights"]), int(entry["in_features"]),
                         bool(entry["hessian"]))
-        except (TypeError, KeyError, ValueError) as error:
-            raise _malformed(f"site {name!r} metadata is malformed ({type(error).__name__}: {error})")
+        except (TypeError, KeyError, ValueError, OverflowError) as error:
+            raise _malformed(f"site {name[:100]!r} metadata is malformed ({type(error).__name__}: {str(error)[:100]})")
+        if not 1 <= site.in_features <= MAX_IN_FEATURES:
+            raise _malformed(f"site {name[:100]!r} in_features {site.in_features} is outside [1, {MAX_IN_FEATURES}]")
+        return site
 
     # ------------------------------------------------------------------ queries
     def weights(self) -> list[str]:
@@ -167,5 +184,11 @@ class CalibrationStats:
         return {key: float(value) for key, value in zip(RANGE_KEYS, values)}
 
     def _read(self, name: str) -> np.ndarray:
-        with safe_open(str(self.path), framework="np") as f:
-            return f.get_tensor(name)
+        """One statistic (positioned read of a header-checked file); NaN or Inf is refused here, not
+        spread through a Hessian inverse."""
+        stored = self._stored.get(name)
+        if stored is None:
+            raise _malformed(f"tensor {name} is missing")
+        values = read_rows(stored, 0, stored.shape[0] if stored.shape else 1)
+        untrusted.check_finite(values, name, FIELD)
+        return values

@@ -347,7 +347,8 @@ def _export_onnx_source(module_dir: ModuleDir, options: ExportOptions, grid: Gri
     from services.exporter.formats.onnx_module import OPSET, check_module_options, write_variant
     check_module_options(options, grid)
     source = module_dir.path / ONNX_MODEL
-    model = onnx.load(str(source))
+    from shared.untrusted import load_onnx
+    model = load_onnx(source)                # size, no external data, standard domains, onnx.checker
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), OPSET)
     if opset != OPSET:
         try:

@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import struct
 import tarfile
 import tempfile
 from pathlib import Path
@@ -24,13 +23,14 @@ from typing import Iterator
 
 import numpy as np
 
+from shared import untrusted
 from shared.errors import InvalidArgument
 from shared.models.decoder_config import DecoderConfig, load_config
 
 MEDIA_TYPE = "application/x-edgeforge-model+tar"
 _MEMBER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _ALLOWED_SUFFIXES = (".json", ".safetensors", ".txt", ".model", ".jinja", ".gguf")   # .gguf: a carried vocabulary
-MAX_HEADER_BYTES = 100 << 20                  # safetensors JSON headers above this are refused
+MAX_HEADER_BYTES = untrusted.MAX_SAFETENSORS_HEADER_BYTES   # safetensors JSON headers above this are refused
 CHUNK_BYTES = 64 << 20                        # float32 bytes of one row chunk (row_chunks' default)
 _NUMPY = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F8_E4M3": np.uint8,
           "F8_E5M2": np.uint8, "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U64": np.uint64,
@@ -75,12 +75,14 @@ def unpack(archive: Path, destination: Path, suffixes: tuple[str, ...] = _ALLOWE
     staging = Path(tempfile.mkdtemp(dir=destination.parent, prefix=".unpack-"))
     try:
         with tarfile.open(archive, "r:") as tar:
+            check = untrusted.ArchiveCheck(archive.stat().st_size, "model bundle", directories=False)
             for member in tar:
                 if not member.isfile() or not _MEMBER_NAME.match(member.name) or \
                         not member.name.endswith(suffixes):
                     raise InvalidArgument(f"model bundle member {member.name[:100]!r} is not a plain file with a "
                                           f"simple name ending in one of {list(suffixes)}; refused",
                                           reason="MALFORMED_MODEL", field="model")
+                check.check(member)                      # sizes against the archive, duplicates
                 source = tar.extractfile(member)
                 with open(staging / member.name, "wb") as out:
                     shutil.copyfileobj(source, out, 1 << 20)
@@ -97,48 +99,9 @@ def unpack(archive: Path, destination: Path, suffixes: tuple[str, ...] = _ALLOWE
 
 
 def read_safetensors_header(path: Path) -> dict:
-    """Parses a safetensors header after checking its length against the file size."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise InvalidArgument(f"{path.name} is {size} bytes, too short for a safetensors header",
-                                  reason="MALFORMED_MODEL", field="model")
-        (length,) = struct.unpack("<Q", prefix)
-        if length > min(MAX_HEADER_BYTES, size - 8):
-            raise InvalidArgument(f"{path.name} declares a {length}-byte header in a {size}-byte file",
-                                  reason="MALFORMED_MODEL", field="model")
-        try:
-            header = json.loads(f.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise InvalidArgument(f"{path.name} header is not JSON: {error}", reason="MALFORMED_MODEL",
-                                  field="model")
-    data_bytes = size - 8 - length
-    if not isinstance(header, dict):
-        raise InvalidArgument(f"{path.name} header is a JSON {type(header).__name__}, not an object",
-                              reason="MALFORMED_MODEL", field="model")
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and
-                all(isinstance(v, int) and not isinstance(v, bool) for v in offsets)):
-            raise InvalidArgument(f"{path.name}: tensor {name[:100]!r} lacks two integer data_offsets",
-                                  reason="MALFORMED_MODEL", field="model")
-        begin, end = offsets
-        if not (0 <= begin <= end <= data_bytes):
-            raise InvalidArgument(f"{path.name}: tensor {name[:100]!r} data_offsets {[begin, end]} fall outside "
-                                  f"the {data_bytes} data bytes", reason="MALFORMED_MODEL", field="model")
-        shape, dtype = entry.get("shape"), entry.get("dtype")
-        if not (isinstance(shape, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
-                                                 for v in shape)) or dtype not in _ITEMSIZE:
-            raise InvalidArgument(f"{path.name}: tensor {name[:100]!r} has shape {shape!r} and dtype {dtype!r}; "
-                                  f"expected a list of sizes and one of {sorted(_ITEMSIZE)}",
-                                  reason="MALFORMED_MODEL", field="model")
-        if int(np.prod(shape, dtype=np.int64)) * _ITEMSIZE[dtype] != end - begin:
-            raise InvalidArgument(f"{path.name}: tensor {name[:100]!r} is {dtype}{shape} but holds {end - begin} "
-                                  "bytes", reason="MALFORMED_MODEL", field="model")
-    return header
+    """The JSON header of a safetensors file, as written, after shared.untrusted checked every length,
+    dtype, shape and offset against the file size (nothing the header claims is allocated first)."""
+    return untrusted.read_safetensors_header(path).raw
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,11 +120,9 @@ class StoredTensor:
 
 def stored_tensors(path: Path) -> dict[str, StoredTensor]:
     """Every tensor of one safetensors file (header checked), by name, in header order."""
-    header = read_safetensors_header(path)
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-    return {name: StoredTensor(path, 8 + length + entry["data_offsets"][0], tuple(entry["shape"]), entry["dtype"])
-            for name, entry in header.items() if name != "__metadata__"}
+    header = untrusted.read_safetensors_header(path)
+    return {name: StoredTensor(path, header.data_start + entry.begin, entry.shape, entry.dtype)
+            for name, entry in header.tensors.items()}
 
 
 def read_rows(tensor: StoredTensor, start: int, stop: int) -> np.ndarray:
@@ -241,8 +202,7 @@ class ModelDir:
             array = (raw.astype(np.uint32) << 16).view(np.float32)
         else:
             array = raw.astype(np.float32, copy=False)
-        if not np.isfinite(array).all():
-            raise InvalidArgument(f"tensor {name} contains NaN or Inf", reason="MALFORMED_MODEL", field="model")
+        untrusted.check_finite(array, name)
         return array
 
     def row_chunks(self, name: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, np.ndarray]]:

@@ -14,6 +14,7 @@ holds the torch reference forward).
 from __future__ import annotations
 
 import dataclasses
+import math
 import json
 from pathlib import Path
 from typing import Any
@@ -54,8 +55,22 @@ class DecoderConfig:
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
-            raise InvalidArgument(f"architecture {self.architecture!r} is not one of {ARCHITECTURES}",
+            raise InvalidArgument(f"architecture {str(self.architecture)[:40]!r} is not one of {ARCHITECTURES}",
                                   reason="UNKNOWN_MODEL_FORMAT", field="model")
+        for name, upper in _SIZE_LIMITS.items():          # sizes come from untrusted files: bound them first
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= upper:
+                raise InvalidArgument(f"model config {name} is {str(value)[:40]}; expected an integer in [1, {upper}]",
+                                      reason="MALFORMED_MODEL", field="model")
+        if not (isinstance(self.head_dim, int) and 0 <= self.head_dim <= _SIZE_LIMITS["hidden_size"]) or \
+                self.num_attention_heads % self.num_key_value_heads:
+            raise InvalidArgument(f"model config head_dim {str(self.head_dim)[:40]} or heads {self.num_attention_heads}/"
+                                  f"{self.num_key_value_heads} (key/value) do not fit", reason="MALFORMED_MODEL",
+                                  field="model")
+        if not (math.isfinite(self.rms_norm_eps) and self.rms_norm_eps > 0 and math.isfinite(self.rope_theta)
+                and self.rope_theta > 0):
+            raise InvalidArgument(f"model config rms_norm_eps {self.rms_norm_eps} and rope_theta {self.rope_theta} must "
+                                  "be finite and positive", reason="MALFORMED_MODEL", field="model")
         if self.head_dim == 0 and self.num_attention_heads > 0:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         if self.architecture == "gemma3":
@@ -179,6 +194,12 @@ class DecoderConfig:
 _COMMON_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                   "num_key_value_heads", "rms_norm_eps", "rope_theta", "max_position_embeddings",
                   "tie_word_embeddings", "bos_token_id", "eos_token_id")
+# Upper bounds on sizes read from untrusted config.json / GGUF metadata: far above any released model
+# (Llama 3.1 405B: 126 layers, width 16,384, MLP 53,248, 128 heads, vocabulary 128,256; Gemma 3: 262,144
+# tokens), low enough that tensor_shapes() and the name tables stay small.
+_SIZE_LIMITS = {"vocab_size": 1 << 22, "hidden_size": 1 << 17, "intermediate_size": 1 << 19,
+                "num_hidden_layers": 1024, "num_attention_heads": 4096, "num_key_value_heads": 4096,
+                "max_position_embeddings": 1 << 24}
 # Defaults of HF's config classes for keys a config.json may omit.
 _HF_DEFAULTS = {
     "llama": {"rms_norm_eps": 1e-5, "max_position_embeddings": 2048, "tie_word_embeddings": False},

@@ -156,6 +156,8 @@ def load_encoder(directory: Path | None = None) -> SentenceEncoder:
     directory = directory or minilm_dir()
     config = BertConfig.from_hf(json.loads((directory / "config.json").read_text()))
     model = SentenceEncoder(config)
+    from shared.untrusted import read_safetensors_header
+    read_safetensors_header(directory / "model.safetensors")          # before safetensors maps anything
     state = {k: v for k, v in load_file(str(directory / "model.safetensors")).items()
              if not k.startswith("pooler.") and k != "embeddings.position_ids"}
     model.load_state_dict(state, strict=True)

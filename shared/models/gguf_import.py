@@ -89,6 +89,16 @@ def _optional_int(reader: GgufFile, key: str) -> int | None:
 
 
 def read_config(reader: GgufFile) -> DecoderConfig:
+    """The DecoderConfig the metadata describes; metadata of the wrong type (a list or text where a
+    number belongs) is refused naming the problem, as is any size DecoderConfig does not accept."""
+    try:
+        return _read_config(reader)
+    except (TypeError, ValueError, OverflowError, ZeroDivisionError, IndexError) as error:
+        raise InvalidArgument(f"GGUF metadata has a value of the wrong type or range: {type(error).__name__}: "
+                              f"{str(error)[:200]}", reason="MALFORMED_MODEL", field="model") from error
+
+
+def _read_config(reader: GgufFile) -> DecoderConfig:
     arch = _field(reader, "general.architecture")
     if arch not in ARCHITECTURES:
         raise InvalidArgument(f"GGUF architecture {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})",

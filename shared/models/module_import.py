@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from shared import untrusted
 from shared.errors import FailedPrecondition, InvalidArgument
 from shared.models.modules import (ADDED_TOKENIZER, BERT_CONFIG, DEFAULT_IMAGE_SIZE, DEFAULT_MAX_TOKENS, IMAGE_TASK,
                                    PROGRAM, TASKS, TEXT_INPUTS, TEXT_TASK, TOKENIZER_FILES, WEIGHTS, ModuleDir,
@@ -48,8 +49,11 @@ def _sniff(path: Path) -> str | None:
     with open(path, "rb") as f:
         head = f.read(len(_LEGACY_TORCH_MAGIC))
     if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError) as error:       # is_zipfile only looks for the end record
+            raise _unknown(f"{path.name} looks like a zip archive but does not open: {error}") from error
         if any(n.endswith("/archive_format") for n in names):                 # torch.export.save
             return "exported_program"
         if any(n.endswith("/data.pkl") for n in names):                       # torch.save
@@ -70,14 +74,13 @@ def _check_task(task: str | None, expected: str, what: str) -> str:
 def _import_bert(path: Path, out_dir: Path, task: str | None, raw: dict) -> ModuleDir:
     from safetensors.torch import load_file
 
-    from shared.models.bundle import read_safetensors_header
     from shared.models.encoder import BertConfig, SentenceEncoder
     task = _check_task(task, TEXT_TASK, "a BERT encoder")
     for name in (WEIGHTS, "tokenizer.json"):
         if not (path / name).is_file():
             raise _unknown(f"the BERT directory has no {name} (only single-file safetensors weights are read)")
     model = SentenceEncoder(BertConfig.from_hf(raw))
-    read_safetensors_header(path / WEIGHTS)
+    untrusted.read_safetensors_header(path / WEIGHTS)
     state = {k.removeprefix("bert."): v for k, v in load_file(str(path / WEIGHTS)).items()}
     _assign(model, {k: v for k, v in state.items() if not k.startswith("pooler.") and k != "embeddings.position_ids"},
             f"{WEIGHTS} of the BERT directory")
@@ -93,13 +96,8 @@ def _import_bert(path: Path, out_dir: Path, task: str | None, raw: dict) -> Modu
 
 
 def _import_state_dict(path: Path, out_dir: Path, task: str | None) -> ModuleDir:
-    import pickle
-
     from shared.models.vision import SETTINGS, MobileNetV2
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)       # no pickled code runs
-    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as error:
-        raise _unknown(f"a torch checkpoint that torch.load(weights_only=True) cannot read: {error}") from error
+    state = untrusted.torch_load_weights(path)                               # no pickled code runs
     if not (isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
             and {"features.0.0.weight", "classifier.1.weight"} <= set(state)):
         raise _unknown("a torch checkpoint, but not a torchvision MobileNetV2 state dict (features.0.0.weight, "
@@ -119,16 +117,12 @@ def _import_state_dict(path: Path, out_dir: Path, task: str | None) -> ModuleDir
 
 def _import_onnx(path: Path, out_dir: Path, task: str, source: dict) -> ModuleDir:
     import onnx
-    from google.protobuf.message import DecodeError
-    try:
-        model = onnx.load_model(str(path), load_external_data=False)
-    except (DecodeError, ValueError, RuntimeError) as error:
-        raise _unknown(f"starts like an ONNX model but does not parse: {error}") from error
-    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
-        raise _unknown("the ONNX model keeps its weights in external data files; upload one .onnx with the weights "
-                       "inside (onnx.save_model(..., save_as_external_data=False))")
+    model = untrusted.load_onnx(path)        # size, no external data, standard domains, onnx.checker
     initializers = {t.name: t for t in model.graph.initializer}
     floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
+    for name, tensor in initializers.items():         # NaN/Inf weights would spread through every quantizer
+        if tensor.data_type in floats:
+            untrusted.check_finite(onnx.numpy_helper.to_array(tensor), name, path.name)
     inputs = [(i.name, [d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim],
                torch.float32 if i.type.tensor_type.elem_type in floats else torch.int64)
               for i in model.graph.input if i.name not in initializers]

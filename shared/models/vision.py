@@ -129,7 +129,8 @@ def mobilenet_v2(weights: Path | None = None, fold: bool = True) -> MobileNetV2:
     """The ImageNet MobileNetV2 in eval mode (BatchNorm folded unless `fold=False`). The checkpoint is
     read with `weights_only=True`: no pickled code runs."""
     model = MobileNetV2()
-    state = torch.load(weights or imagenet_weights(), map_location="cpu", weights_only=True)
+    from shared.untrusted import torch_load_weights
+    state = torch_load_weights(weights or imagenet_weights())
     model.load_state_dict(state, strict=True)
     model.eval()
     with torch.no_grad():

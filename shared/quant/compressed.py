@@ -137,8 +137,13 @@ class CompressedModel:
         if raw is None:
             raise InvalidArgument(f"{path.name} is not an edgeforge compressed model (no {METADATA_KEY} metadata)",
                                   reason="MALFORMED_MODEL", field="compressed")
-        meta = json.loads(raw)
-        if meta.get("version") != FORMAT_VERSION:
+        try:
+            meta = json.loads(raw)
+        except (ValueError, RecursionError) as error:
+            raise InvalidArgument(f"{path.name}: its {METADATA_KEY} metadata is not JSON ({error})",
+                                  reason="MALFORMED_MODEL", field="compressed") from error
+        if not isinstance(meta, dict) or meta.get("version") != FORMAT_VERSION:
+            meta = meta if isinstance(meta, dict) else {}
             raise InvalidArgument(f"compressed model format version {meta.get('version')} is not {FORMAT_VERSION}",
                                   reason="MALFORMED_MODEL", field="compressed")
         self.base_model: str = meta["base_model"]
