@@ -10,7 +10,7 @@ PROTOS := $(wildcard proto/edgeforge/v1/*.proto)
 ASSETS := .edgeforge-assets
 PYTEST_ARGS ?=
 
-.PHONY: setup gen assets test test-fast demo bench clean agent-wheel system-deps test-arm arm-rootfs clean-arm
+.PHONY: setup gen assets test test-fast demo bench clean agent-wheel system-deps test-arm arm-rootfs clean-arm fuzz
 
 setup: system-deps $(VENV)/.deps gen.stamp $(ASSETS)/.done
 
@@ -55,6 +55,18 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# Coverage-guided fuzzing (atheris) of the safetensors, GGUF and build-spec parsers, FUZZ_SECONDS per target
+# (make test runs each for 20 s). A crash stops it: move the input into tests/fuzz/regressions/<target>/.
+FUZZ_SECONDS ?= 600
+fuzz: setup
+	@mkdir -p .fuzz
+	@for t in safetensors gguf spec; do mkdir -p .fuzz/$$t .fuzz/crashes-$$t; \
+	  echo "fuzzing $$t for $(FUZZ_SECONDS) s"; \
+	  OMP_NUM_THREADS=1 $(PY) -m tests.fuzz.fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -timeout=10 \
+	    -artifact_prefix=.fuzz/crashes-$$t/ .fuzz/$$t tests/fuzz/corpus/$$t 2> >(grep -v '^INFO: Instrumenting' >&2) \
+	    || { echo "fuzz_$$t crashed: move the input from .fuzz/crashes-$$t/ into tests/fuzz/regressions/$$t/"; exit 1; }; \
+	done
 
 demo: setup
 	$(PY) -m clients.cli.demo --assets $(ASSETS) --out demo-out

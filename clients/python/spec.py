@@ -21,6 +21,9 @@ from shared.quant.proto import quantization_from_proto
 MAX_SPEC_BYTES = 1 << 20          # a spec is a page of YAML; anything near this size is not one
 
 
+INT64_MAX = 2 ** 63 - 1
+
+
 class SpecError(ValueError):
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
@@ -133,6 +136,8 @@ def _positive(value: int | float | None, field: str, upper: float | None = None,
         return value
     if not math.isfinite(value):                 # YAML's .nan and .inf are floats too
         raise SpecError(field, f"must be a finite number, got {value}")
+    if upper is None and isinstance(value, int) and value > INT64_MAX:    # proto fields are 64-bit at most
+        raise SpecError(field, f"must fit in 64 bits (at most {INT64_MAX}), got {value}")
     too_low = value < lower if lower is not None else value <= 0
     if too_low or (upper is not None and value > upper):
         low = f"[{lower:g}" if lower is not None else "(0"
@@ -215,6 +220,17 @@ def export_options(raw: dict, field: str) -> common_pb2.ExportOptions:
 
 
 def parse(raw: Any, base_dir: Path) -> SpecFile:
+    """The BuildSpec of a spec file's YAML; SpecError names the first bad field. Any value a proto field
+    cannot hold (a range or type the checks above missed) is a SpecError too, never a crash."""
+    try:
+        return _parse(raw, base_dir)
+    except SpecError:
+        raise
+    except (ValueError, TypeError, OverflowError) as error:
+        raise SpecError("spec", f"a value does not fit its field: {error}") from error
+
+
+def _parse(raw: Any, base_dir: Path) -> SpecFile:
     raw = _check_keys("", "", raw)
     spec = coordinator_pb2.BuildSpec(display_name=raw.get("name", ""))
     model = _check_keys("model", "model", raw.get("model") or {})

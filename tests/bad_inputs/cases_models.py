@@ -128,9 +128,7 @@ CASES = [
             "INVALID_ARGUMENT", r"hidden_size"),
     _import("bundle_config_layers_huge",
             lambda env: s.decoder_bundle(config={**s.TINY.to_hf(), "num_hidden_layers": 10 ** 12}),
-            "INVALID_ARGUMENT", r"num_hidden_layers", hazard="config.json num_hidden_layers 10^12: ImportModel "
-            "loops over 10^12 layers (DecoderConfig.tensor_shapes) and never answers (DEADLINE_EXCEEDED after "
-            "120 s, the server thread keeps burning CPU and memory); shared/models/decoder_config.py needs bounds"),
+            "INVALID_ARGUMENT", r"num_hidden_layers"),
     _import("bundle_truncated_tar", lambda env: s.decoder_bundle()[:3000],
             "INVALID_ARGUMENT", r"tar|bundle"),
     # ---- GGUF
@@ -179,10 +177,7 @@ CASES = [
             "INVALID_ARGUMENT", r"W|onnx", task=IMAGE),
     _import("onnx_nan_weight", _onnx_weight(lambda w: setattr(w, "raw_data", struct.pack("<f", math.nan)
                                                               + w.raw_data[4:])),
-            "INVALID_ARGUMENT", r"NaN or Inf", task=IMAGE,
-            finding="an ONNX file whose initializer W holds NaN imports as a module bundle (a new artifact); "
-                    "expected INVALID_ARGUMENT naming the tensor, as safetensors and GGUF weights get "
-                    "(shared/models/module_import.py _import_onnx or modules.validate)"),
+            "INVALID_ARGUMENT", r"tensor W contains 1 NaN or Inf values", task=IMAGE),
     _import("onnx_task_unknown_enum", lambda env: s.onnx_bytes(), "INVALID_ARGUMENT", r"task", task=42),
     # ---- torch
     _import("torch_pickle_payload", lambda env: s.torch_bytes({"features.0.0.weight": s.Payload(_payload_marker(env))}),

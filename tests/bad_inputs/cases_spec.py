@@ -66,6 +66,8 @@ SPEC_CASES = [
     SpecCase("spec_objective_unknown", GOOD + "objective: fastest\n", "objective", r"'fastest' is not one of"),
     SpecCase("spec_constraint_negative", GOOD + "constraints: {max_size_bytes: -1}\n", "constraints.max_size_bytes",
              r"must be positive, got -1"),
+    SpecCase("spec_constraint_over_int64", GOOD + "constraints: {max_size_bytes: 200008888888888888888888888888}\n",
+             "constraints.max_size_bytes", r"must fit in 64 bits"),          # found by tests/fuzz (fuzz_spec)
     SpecCase("spec_constraint_nan", GOOD + "constraints: {max_p90_latency_ms: .nan}\n",
              "constraints.max_p90_latency_ms", r"must be a finite number, got nan"),
     SpecCase("spec_constraint_infinite", GOOD + "constraints: {max_quality_loss_pct: .inf}\n",
