@@ -161,6 +161,17 @@ def wait_ready(address: str, timeout_s: float = 30.0, *, tls: ClientTls | None =
         health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
 
 
+def create_worker_server(address: str, registration: Registration, verify: Callable | None, *,
+                         tls: ServerTls | None = None) -> tuple[grpc.Server, int]:
+    """One worker service (calibrator, compressor or exporter) on its own server. `verify` checks each
+    call's bearer token (admin only): the coordinator's TokenStore.verify, or shared.auth.RemoteVerifier
+    asking its Tokens.WhoAmI; None turns authentication off (closed test networks)."""
+    from shared.auth import AuthInterceptor
+    guard = [AuthInterceptor(verify)] if verify is not None else []
+    server, port, _ = create_server(address, [registration], interceptors=guard, tls=tls)
+    return server, port
+
+
 def worker_main(name: str, registration_factory: Callable) -> None:
     """`python -m services.<name>.server`: one stateless worker service, using the coordinator's artifact
     store over gRPC with a local cache. `--token-file` holds an admin token: the worker sends it to the
@@ -169,7 +180,7 @@ def worker_main(name: str, registration_factory: Callable) -> None:
     import signal
 
     from shared.artifact_access import RemoteArtifacts
-    from shared.auth import AuthInterceptor, RemoteVerifier
+    from shared.auth import RemoteVerifier
     parser = argparse.ArgumentParser(description=f"edgeforge {name} service")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=0, help="port to bind; 0 picks a free one (default 0)")
@@ -197,9 +208,8 @@ def worker_main(name: str, registration_factory: Callable) -> None:
         parser.error(str(error))
     to_coordinator = channel(args.coordinator, token=token, tls=coordinator_tls)
     access = RemoteArtifacts(args.coordinator, args.cache_dir, token=token, tls=coordinator_tls)
-    guard = [] if args.no_auth else [AuthInterceptor(RemoteVerifier(to_coordinator))]
-    server, port, _ = create_server(f"{args.host}:{args.port}", [registration_factory(access)], interceptors=guard,
-                                    tls=tls)
+    verify = None if args.no_auth else RemoteVerifier(to_coordinator)
+    server, port = create_worker_server(f"{args.host}:{args.port}", registration_factory(access), verify, tls=tls)
     print(f"{name} listening on {args.host}:{port}", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: server.stop(5))
     server.wait_for_termination()

@@ -1,24 +1,19 @@
 """The calibrator service on its own: `python -m services.calibrator.server --port N --coordinator HOST:PORT
---token-file ADMIN_TOKEN_FILE` (every incoming call is checked with the coordinator's Tokens.WhoAmI)."""
+--token-file ADMIN_TOKEN_FILE` (flags: shared.server.worker_main; every incoming call is checked with
+the coordinator's Tokens.WhoAmI)."""
 from __future__ import annotations
-
-from typing import Callable
 
 import grpc
 
 from services.calibrator.servicer import registration
-from shared.artifact_access import ArtifactAccess
 from shared import server as bootstrap
-from shared.auth import AuthInterceptor, Token
+from shared.artifact_access import ArtifactAccess
 
 
-def create_server(address: str, access: ArtifactAccess, verify: Callable[[str], Token] | None, *,
+def create_server(address: str, access: ArtifactAccess, verify, *,
                   tls: bootstrap.ServerTls | None = None) -> tuple[grpc.Server, int]:
-    """`verify` checks each call's bearer token (admin only): the coordinator's TokenStore.verify, or
-    shared.auth.RemoteVerifier asking its Tokens.WhoAmI; None turns authentication off (closed test networks)."""
-    guard = [AuthInterceptor(verify)] if verify is not None else []
-    server, port, _ = bootstrap.create_server(address, [registration(access)], interceptors=guard, tls=tls)
-    return server, port
+    """The calibrator on `address` (tests embed it this way); see shared.server.create_worker_server."""
+    return bootstrap.create_worker_server(address, registration(access), verify, tls=tls)
 
 
 def main() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 from pathlib import Path
 
 import grpc
@@ -27,37 +26,9 @@ CALL_TIMEOUT_S = 120
 UPLOAD_CHUNK = 1 << 20
 
 
-class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
-              grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
-    """Adds `authorization: Bearer <token>` to every call (used until shared.server.channel takes a token)."""
-
-    def __init__(self, token: str):
-        self.header = ("authorization", f"Bearer {token}")
-
-    def _details(self, details):
-        return details._replace(metadata=tuple(details.metadata or ()) + (self.header,))
-
-    def intercept_unary_unary(self, continuation, details, request):
-        return continuation(self._details(details), request)
-
-    def intercept_unary_stream(self, continuation, details, request):
-        return continuation(self._details(details), request)
-
-    def intercept_stream_unary(self, continuation, details, requests):
-        return continuation(self._details(details), requests)
-
-    def intercept_stream_stream(self, continuation, details, requests):
-        return continuation(self._details(details), requests)
-
-
 def open_channel(address: str, token: str | None) -> grpc.Channel:
-    """THE one place the corpus makes channels: the plan's `shared.server.channel(address, token=...)` once it
-    exists, an interceptor adding the same header until then."""
-    if token is None:
-        return bootstrap.channel(address)
-    if "token" in inspect.signature(bootstrap.channel).parameters:
-        return bootstrap.channel(address, token=token)
-    return grpc.intercept_channel(bootstrap.channel(address), _Bearer(token))
+    """THE one place the corpus makes channels (admin, builder, agent or none)."""
+    return bootstrap.channel(address, token=token)
 
 
 @dataclasses.dataclass
@@ -66,7 +37,6 @@ class Env:
     address: str
     data_dir: Path
     ctx: object
-    full_auth: bool                  # auth on every service (the plan's `auth` parameter exists)
     channel: grpc.Channel            # authenticated as admin
     bare: grpc.Channel               # no token: cases send their own metadata
     tokens: dict[str, str]           # role -> secret
@@ -130,17 +100,13 @@ class Env:
 def env(tmp_path_factory, smollm2_dir):
     from services.coordinator.server import create_server
     root = tmp_path_factory.mktemp("bad-inputs")
-    options = {"device_wait_s": 0.5, "lease_ttl_s": 2.0}
-    full_auth = "auth" in inspect.signature(create_server).parameters
-    if full_auth:
-        options["auth"] = True
-    server, port, ctx = create_server("127.0.0.1:0", root / "data", **options)
+    server, port, ctx = create_server("127.0.0.1:0", root / "data", device_wait_s=0.5, lease_ttl_s=2.0, auth=True)
     ctx.store.max_upload_bytes = 1 << 30          # a 1 GiB limit, so a claimed 10 GB upload is over it
     tokens = {role: ctx.tokens.create(role, f"bad-inputs {role}")[1] for role in ("admin", "builder", "agent")}
     address = f"127.0.0.1:{port}"
     scratch = root / "scratch"
     scratch.mkdir()
-    env = Env(address, root / "data", ctx, full_auth, open_channel(address, tokens["admin"]),
+    env = Env(address, root / "data", ctx, open_channel(address, tokens["admin"]),
               open_channel(address, None), tokens, scratch, smollm2_dir)
     bootstrap.wait_ready(address)
     yield env

@@ -19,7 +19,6 @@ class Case:
     prepare: Callable | None = None  # f(env) -> prepared: uploads the bad file etc., before the store snapshot
     check: Callable | None = None    # f(env, prepared): more assertions after the call (e.g. upload not committed)
     metadata: Any = ADMIN            # ADMIN, or f(env) -> metadata tuple sent on a channel without a token
-    full_auth: bool = False          # needs auth on every service (skipped until create_server has `auth`)
     finding: str = ""                # a known gap in a file this corpus does not own: strict xfail with the reason
     hazard: str = ""                 # a known gap that would hang or exhaust the shared server: not run (skip, reason)
 
