@@ -7,7 +7,8 @@ at once — there is no cache to expire.
 
 `AuthInterceptor` guards every gRPC method: `SERVICE_ROLES` names the roles that may call each
 service (admin may call everything; a service missing from the table is admin-only, so a new
-service is closed until someone opens it on purpose); health checking and reflection stay open.
+service is closed until someone opens it on purpose); only health checking is open (load balancers
+probe it), and reflection needs a token of any role (the schema is public, but not to strangers).
 The verified token travels to the handler in a context variable (`caller()`), which servicers use
 for ownership checks (shared/store/grants.py). The verifier is a function secret -> Token: the
 coordinator passes its TokenStore.verify; a standalone worker passes `RemoteVerifier`, which asks
@@ -128,8 +129,9 @@ SERVICE_ROLES: dict[str, tuple[str, ...]] = {
 }
 # Single methods that differ from their service's row.
 METHOD_ROLES: dict[str, tuple[str, ...]] = {"/edgeforge.v1.Tokens/WhoAmI": ("builder", "agent")}
-OPEN_SERVICES = frozenset({"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
-                           "grpc.reflection.v1.ServerReflection"})
+OPEN_SERVICES = frozenset({"grpc.health.v1.Health"})
+# Any live token may call these (grpcurl's `list` and `describe` with -H "authorization: Bearer …").
+ANY_ROLE_SERVICES = frozenset({"grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"})
 
 _CALLER: contextvars.ContextVar[Token | None] = contextvars.ContextVar("edgeforge_caller", default=None)
 
@@ -162,7 +164,8 @@ class AuthInterceptor(grpc.ServerInterceptor):
         service = method.lstrip("/").split("/", 1)[0]
         if service in OPEN_SERVICES:
             return continuation(handler_call_details)
-        allowed = METHOD_ROLES.get(method, self.roles_by_service.get(service, ()))
+        allowed = (("builder", "agent") if service in ANY_ROLE_SERVICES
+                   else METHOD_ROLES.get(method, self.roles_by_service.get(service, ())))
         try:
             token = self.verify(bearer(handler_call_details.invocation_metadata))
             if token.role != "admin" and token.role not in allowed:

@@ -54,6 +54,19 @@ def test_every_service_refuses_missing_unknown_and_revoked_tokens(coordinator):
         assert health.status == health_pb2.HealthCheckResponse.SERVING          # health needs no token
 
 
+def test_reflection_needs_a_token_of_any_role(coordinator):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    with channel(coordinator.address) as bare:
+        with pytest.raises(grpc.RpcError) as error:
+            list(reflection_pb2_grpc.ServerReflectionStub(bare).ServerReflectionInfo(iter([request]), timeout=10))
+        assert rpc_code(error) == "UNAUTHENTICATED" and "no token was sent" in error.value.details()
+    for role in ("builder", "agent"):
+        with channel(coordinator.address, token=coordinator.create_token(role, f"{role} browsing")[1]) as ch:
+            reply = list(reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(iter([request]), timeout=10))
+            assert "edgeforge.v1.Coordinator" in {s.name for s in reply[0].list_services_response.service}
+
+
 def test_wrong_roles_are_refused_naming_role_and_service(coordinator):
     secrets = {role: coordinator.create_token(role, f"{role} of the test")[1] for role in ("builder", "agent")}
     refused = [("agent", "edgeforge.v1.Coordinator"), ("agent", "edgeforge.v1.ArtifactStore"),
