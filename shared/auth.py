@@ -104,7 +104,6 @@ class TokenStore:
         return token
 
 
-
 def bearer(metadata: Iterable[tuple[str, str]]) -> str:
     for key, value in metadata or ():
         if key == "authorization":

@@ -170,7 +170,6 @@ def gguf_type(blob: bytes, kind: int, name: str = "token_embd.weight") -> bytes:
 
 def onnx_model(edit: Callable | None = None):
     """A tiny image classifier: (1, 1, 4, 4) -> Flatten -> MatMul W (16, 3) -> (1, 3)."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
     weight = numpy_helper.from_array(np.linspace(-1, 1, 48, dtype=np.float32).reshape(16, 3), "W")
     graph = helper.make_graph(

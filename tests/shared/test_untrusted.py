@@ -258,7 +258,6 @@ def test_too_many_keys_for_the_limit_is_resource_exhausted():
 # ---------------------------------------------------------------- ONNX
 
 def _onnx_model(domain: str = "", location: str | None = None):
-    import onnx
     from onnx import TensorProto, helper
     weight = helper.make_tensor("w", TensorProto.FLOAT, [2], [1.0, 2.0])
     if location is not None:
