@@ -1,4 +1,4 @@
-"""Bad input to the coordinator's control RPCs: Coordinator, Operations, DeviceRegistry, AgentGateway, and
+"""Bad input to the coordinator's control RPCs: Coordinator, Operations, DeviceRegistry, AgentGateway, Tokens, and
 calls without a valid token."""
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from google.longrunning import operations_proto_pb2 as ops
 from google.protobuf import duration_pb2
 
 from edgeforge.v1 import agent_pb2 as agent, common_pb2, compressor_pb2 as compressor, coordinator_pb2 as pb
+from edgeforge.v1 import tokens_pb2 as tokens
 
 UNKNOWN_BUILD = "b-000000000000"
 
@@ -197,4 +198,21 @@ CASES = [
          "PERMISSION_DENIED", r"builder", metadata=_agent_metadata("builder")),
     Case("coordinator_agent_role", "Coordinator.ListBuilds", pb.ListBuildsRequest(), "PERMISSION_DENIED", r"agent",
          metadata=_agent_metadata("agent")),
+    # ---- Tokens
+    Case("tokens_create_role_unspecified", "Tokens.CreateToken", tokens.CreateTokenRequest(display_name="ci"),
+         "INVALID_ARGUMENT", r"role must be TOKEN_ROLE_ADMIN, _BUILDER or _AGENT, got 0"),
+    Case("tokens_create_role_unknown_enum", "Tokens.CreateToken", tokens.CreateTokenRequest(role=9, display_name="ci"),
+         "INVALID_ARGUMENT", r"role must be .*, got 9"),
+    Case("tokens_create_name_empty", "Tokens.CreateToken", tokens.CreateTokenRequest(role=2),
+         "INVALID_ARGUMENT", r"a token needs a name of 1-128 characters"),
+    Case("tokens_create_name_too_long", "Tokens.CreateToken", tokens.CreateTokenRequest(role=2, display_name="x" * 129),
+         "INVALID_ARGUMENT", r"a token needs a name of 1-128 characters"),
+    Case("tokens_create_by_builder", "Tokens.CreateToken", tokens.CreateTokenRequest(role=1, display_name="escalate"),
+         "PERMISSION_DENIED", r"a builder token may not call edgeforge.v1.Tokens", metadata=_agent_metadata("builder")),
+    Case("tokens_revoke_unknown_id", "Tokens.RevokeToken", tokens.RevokeTokenRequest(name="tokens/nope1234"),
+         "NOT_FOUND", r"no token has id 'nope1234'"),
+    Case("tokens_revoke_empty_name", "Tokens.RevokeToken", tokens.RevokeTokenRequest(name="tokens/"),
+         "INVALID_ARGUMENT", r"name must look like 'tokens/\{id\}'"),
+    Case("tokens_whoami_no_token", "Tokens.WhoAmI", tokens.WhoAmIRequest(), "UNAUTHENTICATED",
+         r"no token was sent", metadata=NO_TOKEN),
 ]

@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from edgeforge.v1 import (agent_pb2_grpc, calibrator_pb2_grpc, common_pb2, compressor_pb2_grpc,
+from edgeforge.v1 import (agent_pb2_grpc, tokens_pb2_grpc, calibrator_pb2_grpc, common_pb2, compressor_pb2_grpc,
                           coordinator_pb2, coordinator_pb2_grpc, exporter_pb2_grpc)
 from google.longrunning import operations_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -21,7 +21,8 @@ STUBS = {"Coordinator": coordinator_pb2_grpc.CoordinatorStub, "Operations": oper
          "ArtifactStore": coordinator_pb2_grpc.ArtifactStoreStub,
          "DeviceRegistry": coordinator_pb2_grpc.DeviceRegistryStub, "AgentGateway": agent_pb2_grpc.AgentGatewayStub,
          "Calibrator": calibrator_pb2_grpc.CalibratorStub, "Compressor": compressor_pb2_grpc.CompressorStub,
-         "Exporter": exporter_pb2_grpc.ExporterStub, "Health": health_pb2_grpc.HealthStub}
+         "Exporter": exporter_pb2_grpc.ExporterStub, "Tokens": tokens_pb2_grpc.TokensStub,
+         "Health": health_pb2_grpc.HealthStub}
 CALL_TIMEOUT_S = 120
 UPLOAD_CHUNK = 1 << 20
 
