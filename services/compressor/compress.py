@@ -157,14 +157,16 @@ def _metadata(metadata: dict, quantizer: LayerwiseQuantizer | None) -> dict:
 def _report(model: ModelDir, name: str, value: QuantizedTensor | GgufTensor,
             quantizer: LayerwiseQuantizer) -> TensorReport:
     """Block weights are measured against what the quantizer saw (after AWQ's scaling); embeddings and
-    the head, quantized outside the blocks, against the model's own weights."""
+    the head, quantized outside the blocks, against the model's own weights. The histogram is always
+    of the model's own weights."""
     if name not in quantizer.report.weight_error:
         return measure(name, model.array(name), value, None)
     noise, signal = quantizer.report.weight_error[name]
     rows, columns = value.shape
     return TensorReport(name, value.grid.name, noise / (rows * columns),
                         10 * math.log10(signal / noise) if noise > 0 else math.inf,
-                        value.grid.bits_per_weight(columns), quantizer.report.output_error.get(name, 0.0))
+                        value.grid.bits_per_weight(columns), quantizer.report.output_error.get(name, 0.0),
+                        quantizer.report.histograms.get(name))
 
 
 def _nbytes(shape: tuple[int, ...], dtype: str) -> int:

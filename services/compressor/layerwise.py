@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from services.compressor.histogram import WeightHistogram, weight_histogram
 from services.compressor.quant.awq import attention_core, awq_block
 from services.compressor.quant.gptq import GptqResult, gptq, relative_output_error
 from services.compressor.quant.rtn import quantize
@@ -39,6 +40,7 @@ class LayerwiseReport:
     output_error: dict[str, float]           # weight -> relative output error on calibration inputs
     weight_error: dict[str, tuple[float, float]]   # weight -> (Σ(w−ŵ)², Σw²) against the weights quantized
     awq: dict[str, dict]                     # block prefix -> {"alphas", "clip_ratio", "skipped"}
+    histograms: dict[str, WeightHistogram] = dataclasses.field(default_factory=dict)   # the model's weights
 
 
 class HessianAccumulator:
@@ -158,6 +160,9 @@ class LayerwiseQuantizer:
         config = self.model.config
         prefix = blockwise.block_prefix(index)
         block = blockwise.load_block(config, index, self.model.tensor, self.device)
+        for name, parameter in block.named_parameters():     # the model's weights, before AWQ rescales them
+            if self.grids.get(prefix + name) is not None:
+                self.report.histograms[prefix + name] = weight_histogram(prefix + name, parameter.data)
         for step in self.steps:
             if step.method is Method.AWQ:
                 options = step.awq

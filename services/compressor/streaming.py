@@ -2,7 +2,8 @@
 (RTN, importance-weighted RTN, GPTQ on the calibrator's Hessians).
 
 Each tensor is read from the safetensors, quantized, handed to the writer and dropped; the
-per-tensor report (MSE, SNR, output error) is computed while the weight is in hand. A tensor
+per-tensor report (MSE, SNR, output error, the weights' histogram) is computed while the weight is
+in hand. A tensor
 bigger than one chunk (`chunk_bytes` of float32) goes through in row chunks instead, as a
 `ChunkedTensor` the writer drains: read rows → quantize them → measure them → write them. Every grid
 here but the per-tensor ones quantizes rows independently (blocks run along a row; imatrix
@@ -21,6 +22,7 @@ from typing import Callable, Iterator, Union
 import numpy as np
 import torch
 
+from services.compressor.histogram import HistogramSketch, WeightHistogram, weight_histogram
 from services.compressor.quant.gptq import gptq
 from services.compressor.quant.rtn import ROW_CHUNK, quantize
 from shared.models.bundle import ModelDir
@@ -42,6 +44,7 @@ class TensorReport:
     snr_db: float            # 10·log10(Σw² / Σ(w−ŵ)²)
     bits_per_weight: float = 0.0
     output_error: float = 0.0
+    histogram: WeightHistogram | None = None     # the float weights before quantization
 
 
 def stream_tensors(model: ModelDir, plans: list[TensorPlan], recipe: QuantizationConfig, stats, device: str,
@@ -92,27 +95,29 @@ def _chunks(model: ModelDir, p: TensorPlan, rounded, chunk_bytes: int, hessian: 
     """Reads, quantizes and measures chunks of rows on `workers` threads (numpy releases the GIL in
     its kernels), yields them in row order, and reports after the last. At most `workers` + 1
     chunks are in flight."""
-    def work(start: int, stop: int) -> tuple[QuantizedTensor | GgufTensor, ErrorSums]:
+    def work(start: int, stop: int) -> tuple[QuantizedTensor | GgufTensor, ErrorSums, HistogramSketch]:
         weight = model.rows(p.name, start, stop)
         value = rounded(weight)
         sums = ErrorSums()
         sums.add(weight, value, hessian)
-        return value, sums
+        return value, sums, HistogramSketch().add(weight)
 
-    total = ErrorSums()
+    total, sketch = ErrorSums(), HistogramSketch()
     with ThreadPoolExecutor(workers) as pool:
         pending: collections.deque = collections.deque()
         for start, stop in model.row_ranges(p.name, chunk_bytes):
             pending.append(pool.submit(work, start, stop))
             if len(pending) > workers:
-                value, sums = pending.popleft().result()
+                value, sums, part = pending.popleft().result()
                 total.merge(sums)
+                sketch.merge(part)
                 yield value
         while pending:
-            value, sums = pending.popleft().result()
+            value, sums, part = pending.popleft().result()
             total.merge(sums)
+            sketch.merge(part)
             yield value
-    report(total.report(p.name, p.grid, p.shape))
+    report(dataclasses.replace(total.report(p.name, p.grid, p.shape), histogram=sketch.histogram(p.name)))
 
 
 @dataclasses.dataclass
@@ -153,7 +158,7 @@ class ErrorSums:
 
 def measure(name: str, weight: np.ndarray, value: QuantizedTensor | GgufTensor,
             hessian: np.ndarray | None) -> TensorReport:
-    """The report of one whole tensor."""
+    """The report of one whole tensor, with its weights' histogram."""
     error = ErrorSums()
     error.add(weight, value, hessian)
-    return error.report(name, value.grid, weight.shape)
+    return dataclasses.replace(error.report(name, value.grid, weight.shape), histogram=weight_histogram(name, weight))

@@ -30,6 +30,8 @@ from typing import Callable, Iterable
 import numpy as np
 
 from edgeforge.v1 import common_pb2
+from services.compressor.convert import histogram_to_proto
+from services.compressor.histogram import WeightHistogram
 from services.compressor.prune.sparse import sparse_size
 from services.compressor.steps import CAUSAL_LM, TransformStep, Training, quality_loss_pct
 from services.compressor.train.loop import TrainingConfig, resolve_device
@@ -93,12 +95,12 @@ def measure_size(tensors: Iterable[tuple[str, np.ndarray, bool]]) -> Size:
 
 
 def step_report(index: int, kind: str, description: str, size: Size, quality: dict, seconds: float,
-                note: str = "") -> common_pb2.StepReport:
+                note: str = "", histograms: Iterable[WeightHistogram] = ()) -> common_pb2.StepReport:
     return common_pb2.StepReport(
         index=index, kind=kind, description=description, parameter_count=size.parameters,
         nonzero_count=size.nonzero, sparsity=size.sparsity, dense_bytes=size.dense_bytes,
         stored_bytes=size.stored_bytes, storage=size.storage, quality=common_pb2.Quality(**quality),
-        seconds=seconds, note=note)
+        seconds=seconds, note=note, histograms=[histogram_to_proto(h) for h in histograms])
 
 
 def training_config(training: Training, task: str) -> TrainingConfig:
@@ -136,10 +138,11 @@ def run_transform(source: Path, steps: tuple[TransformStep, ...], data: Transfor
     for index, step in enumerate(steps, start=1):
         progress(f"step {index}/{len(steps)}: {step.describe()}")
         started = time.perf_counter()
-        current, note = runner.run(index, step, current)
+        current, note, histograms = runner.run(index, step, current)
         seconds = time.perf_counter() - started
         size = runner.size(current)
-        reports.append(step_report(index, step.kind, step.describe(), size, runner.quality(current), seconds, note))
+        reports.append(step_report(index, step.kind, step.describe(), size, runner.quality(current), seconds, note,
+                                   histograms))
         reports[-1].quality.baseline = reports[0].quality.value
         reports[-1].quality.delta_pct = quality_loss_pct(reports[-1].quality)
         log.info("transform step %d %s: sparsity %.3f, %d parameters, %s %.4f (%.1f s)", index, step.describe(),

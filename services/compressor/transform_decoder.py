@@ -62,7 +62,8 @@ class DecoderTransform:
             runtime.close()
         return {"metric": "perplexity", "value": result.value, "tokens": result.tokens}
 
-    def run(self, index: int, step: TransformStep, current) -> tuple[object, str]:
+    def run(self, index: int, step: TransformStep, current) -> tuple[object, str, list]:
+        """The model after `step`, a note for humans, and (prune steps) the pruned tensors' histograms."""
         from shared.models.bundle import ModelDir
         out = self.work / f"step{index}"
         if isinstance(step, PruneStep):
@@ -80,9 +81,9 @@ class DecoderTransform:
                                        progress=self.progress)
                 errors = list(report.output_error.values())
                 note = f"mean relative output error {np.mean(errors):.4f}" if errors else ""
-            return ModelDir(out), note
+            return ModelDir(out), note, report.histograms
         if isinstance(step, DistillStep):
-            return self.distill(step, current, out)
+            return *self.distill(step, current, out), []
         raise FailedPrecondition(f"{step.kind} is not available for causal LMs", reason="UNSUPPORTED_OP")
 
     def distill(self, step: DistillStep, current, out: Path):

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from services.compressor.histogram import (LARGEST_PRUNED, MAGNITUDE, WeightHistogram, global_threshold,
+                                           pruning_histogram, removal_histogram)
 from services.compressor.prune import masks as prune_masks
 from services.compressor.steps import IMAGE_CLASSIFICATION, DistillStep, PruneStep, QatStep, Training, TransformStep
 from services.compressor.train.loop import train
@@ -87,7 +89,9 @@ class ModuleTransform:
             "tokens": int(result.get("samples", 0))}
 
     # ------------------------------------------------------------------ steps
-    def run(self, index: int, step: TransformStep, module: nn.Module) -> tuple[nn.Module, str]:
+    def run(self, index: int, step: TransformStep, module: nn.Module
+            ) -> tuple[nn.Module, str, list[WeightHistogram]]:
+        """The model after `step`, a note for humans, and (prune steps) the pruned tensors' histograms."""
         trains = not isinstance(step, PruneStep) or step.finetune is not None
         if self.like.architecture == "exported_program" and (trains or step.method == "structured"):
             raise FailedPrecondition(
@@ -98,10 +102,13 @@ class ModuleTransform:
         if isinstance(step, PruneStep):
             return self.prune(step, module)
         if isinstance(step, DistillStep):
-            return self.distill(step, module)
-        return self.qat(step, module)
+            return *self.distill(step, module), []
+        return *self.qat(step, module), []
 
-    def prune(self, step: PruneStep, module: nn.Module) -> tuple[nn.Module, str]:
+    def prune(self, step: PruneStep, module: nn.Module) -> tuple[nn.Module, str, list[WeightHistogram]]:
+        # The prunable weights as they were, for the histograms: these models live in memory and are
+        # small (MobileNetV2: 3.5M parameters), and one snapshot serves every method alike.
+        original = {name: w.detach().clone() for name, w in prune_masks.prunable_weights(module).items()}
         note = ""
         if step.method == "structured":
             from services.compressor.prune.structured import prune_structured
@@ -109,7 +116,8 @@ class ModuleTransform:
             module = prune_structured(module, step.unit, step.sparsity)
             note = f"{before:,} → {sum(p.numel() for p in module.parameters()):,} parameters"
         elif step.schedule:
-            return self.iterative(step, module)
+            module, note = self.iterative(step, module)
+            return module, note, _pruning_histograms(step, original, module)
         elif step.method == "magnitude":
             weights = prune_masks.prunable_weights(module)
             if step.m:
@@ -121,10 +129,11 @@ class ModuleTransform:
             prune_masks.apply_masks(module, masks)
         else:
             note = self.calibrated_prune(step, module)
+        histograms = _pruning_histograms(step, original, module)     # before fine-tuning moves the kept weights
         if step.finetune:
             report = self.finetune(module, step.finetune)
             note = "; ".join(filter(None, [note, f"fine-tuned: {loss_note(report.losses)}"]))
-        return module, note
+        return module, note, histograms
 
     def calibrated_prune(self, step: PruneStep, module: nn.Module) -> str:
         """Wanda / SparseGPT from one pass of the calibration inputs through the float model: each layer's
@@ -249,6 +258,21 @@ def _runner(module: nn.Module, input_names: list[str], batch: int = 64) -> Calla
                 outputs.append(module(*args).float().numpy())
         return np.concatenate(outputs)
     return run
+
+
+def _pruning_histograms(step: PruneStep, before: dict[str, torch.Tensor],
+                        module: nn.Module) -> list[WeightHistogram]:
+    """Histograms of the tensors the step pruned, from their weights `before` it: what is zero in the
+    pruned module was pruned. The cut is one |w| only for one-shot unstructured magnitude pruning."""
+    after = {name: w.detach() for name, w in prune_masks.prunable_weights(module).items()}
+    if step.method == "structured":
+        histograms = [removal_histogram(name, w, after[name].numel() if name in after else 0)
+                      for name, w in before.items()]
+        return [h for h in histograms if h.pruned_fraction > 0]
+    cut = MAGNITUDE if step.method == "magnitude" and not step.m and not step.schedule else LARGEST_PRUNED
+    histograms = [pruning_histogram(name, w, after[name] != 0, cut) for name, w in before.items()]
+    histograms = [h for h in histograms if h.pruned_fraction > 0]             # e.g. layers N:M had to skip
+    return global_threshold(histograms) if cut == MAGNITUDE and step.scope == "global" else histograms
 
 
 def _n_m_masks(scores: dict[str, torch.Tensor], n: int, m: int) -> tuple[dict[str, torch.Tensor], list[str]]:

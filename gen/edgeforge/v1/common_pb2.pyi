@@ -544,8 +544,26 @@ class CompressionStep(_message.Message):
     quantize: QuantizationConfig
     def __init__(self, prune: _Optional[_Union[PruneConfig, _Mapping]] = ..., distill: _Optional[_Union[DistillConfig, _Mapping]] = ..., qat: _Optional[_Union[QatConfig, _Mapping]] = ..., quantize: _Optional[_Union[QuantizationConfig, _Mapping]] = ...) -> None: ...
 
+class WeightHistogram(_message.Message):
+    __slots__ = ("tensor", "low", "high", "counts", "threshold", "threshold_kind", "pruned_fraction")
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    LOW_FIELD_NUMBER: _ClassVar[int]
+    HIGH_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_KIND_FIELD_NUMBER: _ClassVar[int]
+    PRUNED_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    tensor: str
+    low: float
+    high: float
+    counts: _containers.RepeatedScalarFieldContainer[int]
+    threshold: float
+    threshold_kind: str
+    pruned_fraction: float
+    def __init__(self, tensor: _Optional[str] = ..., low: _Optional[float] = ..., high: _Optional[float] = ..., counts: _Optional[_Iterable[int]] = ..., threshold: _Optional[float] = ..., threshold_kind: _Optional[str] = ..., pruned_fraction: _Optional[float] = ...) -> None: ...
+
 class StepReport(_message.Message):
-    __slots__ = ("index", "kind", "description", "parameter_count", "nonzero_count", "sparsity", "dense_bytes", "stored_bytes", "storage", "quality", "seconds", "note")
+    __slots__ = ("index", "kind", "description", "parameter_count", "nonzero_count", "sparsity", "dense_bytes", "stored_bytes", "storage", "quality", "seconds", "note", "histograms")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
@@ -558,6 +576,7 @@ class StepReport(_message.Message):
     QUALITY_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     NOTE_FIELD_NUMBER: _ClassVar[int]
+    HISTOGRAMS_FIELD_NUMBER: _ClassVar[int]
     index: int
     kind: str
     description: str
@@ -570,4 +589,5 @@ class StepReport(_message.Message):
     quality: Quality
     seconds: float
     note: str
-    def __init__(self, index: _Optional[int] = ..., kind: _Optional[str] = ..., description: _Optional[str] = ..., parameter_count: _Optional[int] = ..., nonzero_count: _Optional[int] = ..., sparsity: _Optional[float] = ..., dense_bytes: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., storage: _Optional[str] = ..., quality: _Optional[_Union[Quality, _Mapping]] = ..., seconds: _Optional[float] = ..., note: _Optional[str] = ...) -> None: ...
+    histograms: _containers.RepeatedCompositeFieldContainer[WeightHistogram]
+    def __init__(self, index: _Optional[int] = ..., kind: _Optional[str] = ..., description: _Optional[str] = ..., parameter_count: _Optional[int] = ..., nonzero_count: _Optional[int] = ..., sparsity: _Optional[float] = ..., dense_bytes: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., storage: _Optional[str] = ..., quality: _Optional[_Union[Quality, _Mapping]] = ..., seconds: _Optional[float] = ..., note: _Optional[str] = ..., histograms: _Optional[_Iterable[_Union[WeightHistogram, _Mapping]]] = ...) -> None: ...

@@ -47,20 +47,22 @@ class CompressRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., quantization: _Optional[_Union[_common_pb2.QuantizationConfig, _Mapping]] = ..., calibration_stats: _Optional[str] = ..., pre_steps: _Optional[_Iterable[_Union[_common_pb2.QuantizationConfig, _Mapping]]] = ..., calibration_dataset: _Optional[str] = ..., calibration_samples: _Optional[int] = ..., calibration_sequence_length: _Optional[int] = ...) -> None: ...
 
 class TensorReport(_message.Message):
-    __slots__ = ("name", "grid", "mse", "snr_db", "bits_per_weight", "output_error")
+    __slots__ = ("name", "grid", "mse", "snr_db", "bits_per_weight", "output_error", "histogram")
     NAME_FIELD_NUMBER: _ClassVar[int]
     GRID_FIELD_NUMBER: _ClassVar[int]
     MSE_FIELD_NUMBER: _ClassVar[int]
     SNR_DB_FIELD_NUMBER: _ClassVar[int]
     BITS_PER_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_ERROR_FIELD_NUMBER: _ClassVar[int]
+    HISTOGRAM_FIELD_NUMBER: _ClassVar[int]
     name: str
     grid: str
     mse: float
     snr_db: float
     bits_per_weight: float
     output_error: float
-    def __init__(self, name: _Optional[str] = ..., grid: _Optional[str] = ..., mse: _Optional[float] = ..., snr_db: _Optional[float] = ..., bits_per_weight: _Optional[float] = ..., output_error: _Optional[float] = ...) -> None: ...
+    histogram: _common_pb2.WeightHistogram
+    def __init__(self, name: _Optional[str] = ..., grid: _Optional[str] = ..., mse: _Optional[float] = ..., snr_db: _Optional[float] = ..., bits_per_weight: _Optional[float] = ..., output_error: _Optional[float] = ..., histogram: _Optional[_Union[_common_pb2.WeightHistogram, _Mapping]] = ...) -> None: ...
 
 class CompressResponse(_message.Message):
     __slots__ = ("compressed", "tensors", "payload_bytes", "bits_per_weight", "seconds", "device")

@@ -23,6 +23,8 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from services.compressor.histogram import (LARGEST_PRUNED, MAGNITUDE, WeightHistogram, global_threshold,
+                                           pruning_histogram, removal_histogram)
 from services.compressor.layerwise import HessianAccumulator, sequential_groups
 from services.compressor.prune.masks import (SCOPES, check_n_m, check_sparsity, magnitude_masks, n_m_mask,
                                              smallest_mask, sparsity_of)
@@ -45,6 +47,7 @@ class DecoderPruneReport:
     output_error: dict[str, float]       # tensor -> tr(ΔW H ΔWᵀ)/tr(W H Wᵀ) on calibration inputs (if any)
     seconds: float
     overall_sparsity: float = 0.0        # zero share of all block linears together
+    histograms: list[WeightHistogram] = dataclasses.field(default_factory=list)   # weights before, with the cut
 
 
 @dataclasses.dataclass
@@ -55,6 +58,7 @@ class NeuronPruneReport:
     parameters_after: int
     removed_importance: dict[str, float]   # block prefix -> share of its neurons' total importance removed
     seconds: float
+    histograms: list[WeightHistogram] = dataclasses.field(default_factory=list)   # gate, up, down before
 
 
 # ------------------------------------------------------------------------------------- shared steps
@@ -161,8 +165,10 @@ def prune_decoder(model: ModelDir, *, method: str, sparsity: float = 0.5, n: int
                                 scope="global")
     prune = _pruner(method, sparsity, n, m, masks, block_size, damp)
     report = DecoderPruneReport(method, {}, {}, 0.0)
+    cut = MAGNITUDE if method == "magnitude" and not m else LARGEST_PRUNED   # WeightHistogram.threshold_kind
 
-    def record(name: str, result: PruneResult) -> np.ndarray:
+    def record(name: str, W: torch.Tensor, result: PruneResult) -> np.ndarray:
+        report.histograms.append(pruning_histogram(name, W, result.mask, cut))
         report.sparsity[name] = sparsity_of(result.mask)
         if not np.isnan(result.output_error):
             report.output_error[name] = result.output_error
@@ -172,8 +178,11 @@ def prune_decoder(model: ModelDir, *, method: str, sparsity: float = 0.5, n: int
         def tensors() -> Iterator[tuple[str, np.ndarray]]:
             for name in names:
                 weight = model.array(name)
-                yield name, (record(name, prune(name, torch.from_numpy(weight), None))
-                             if is_linear_weight(name) else weight)
+                if is_linear_weight(name):
+                    W = torch.from_numpy(weight)
+                    yield name, record(name, W, prune(name, W, None))
+                else:
+                    yield name, weight
         _write(model, config, tensors(), out_dir)
     else:
         state = {"hidden": blockwise.embed(model, sequences, device)}
@@ -191,14 +200,17 @@ def prune_decoder(model: ModelDir, *, method: str, sparsity: float = 0.5, n: int
                 for suffix in suffixes:
                     name = f"{prefix}{suffix}.weight"
                     linear = modules[suffix]
-                    result = prune(name, linear.weight.data.float(), acc)
+                    W = linear.weight.data.float()
+                    result = prune(name, W, acc)
                     linear.weight.data = result.weight.to(linear.weight.dtype)
-                    out[name] = record(name, result)
+                    out[name] = record(name, W, result)
             state["hidden"] = sequential_groups(config, layer, state["hidden"], cos, sin, prune_group)
             for name, parameter in layer.named_parameters():
                 out.setdefault(prefix + name, parameter.data.cpu().numpy().copy())
             return out
         _write(model, config, _in_order(model, names, block), out_dir)
+    if scope == "global":
+        report.histograms = global_threshold(report.histograms)
     sizes = {name: int(np.prod(model.shape(name))) for name in report.sparsity}
     report.overall_sparsity = sum(report.sparsity[name] * size for name, size in sizes.items()) / \
         max(sum(sizes.values()), 1)
@@ -274,6 +286,11 @@ def prune_decoder_neurons(model: ModelDir, *, fraction: float, sequences: torch.
                 mlp.down_proj.weight.norm(dim=0)
         keep = torch.sort(torch.argsort(importance, descending=True, stable=True)[:kept]).values
         report.removed_importance[prefix] = 1.0 - float(importance[keep].sum() / importance.sum().clamp(min=1e-30))
+        mlp_weights = weights if state["hidden"] is None else \
+            {suffix: dict(layer.named_parameters())[f"{suffix}.weight"].data for suffix in LINEAR_NAMES[-3:]}
+        for suffix, weight in mlp_weights.items():        # kept/ffn of each tensor stays: rows or columns
+            report.histograms.append(removal_histogram(f"{prefix}{suffix}.weight", weight,
+                                                       weight.numel() // ffn * kept))
         if state["hidden"] is None:
             gate, up, down = weights.values()
             shrunk = {"mlp.gate_proj": gate[keep], "mlp.up_proj": up[keep], "mlp.down_proj": down[:, keep]}
