@@ -14,9 +14,10 @@ PYTEST_ARGS ?=
 
 setup: system-deps $(VENV)/.deps gen.stamp $(ASSETS)/.done
 
-# Debian packages: adb (the agent drives attached Android phones through the real adb) and
-# dataset-fashion-mnist (the labelled images the CNN is trained and evaluated on).
-SYSTEM_PACKAGES := adb dataset-fashion-mnist
+# Debian packages: adb (the agent drives attached Android phones through the real adb),
+# dataset-fashion-mnist (the labelled images the CNN is trained and evaluated on) and chromium
+# (tests/integration/test_report_browser.py renders report.html headless and screenshots it).
+SYSTEM_PACKAGES := adb dataset-fashion-mnist chromium
 APT := $(if $(filter 0,$(shell id -u)),,sudo) apt-get
 system-deps:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
