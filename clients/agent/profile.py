@@ -1,7 +1,8 @@
 """This host's profile as namespaced attributes, plus user labels.
 
     os, os_version, os_name, kernel, arch, cpu, cores, ram_bytes, python,
-    accelerator:<kind> -> what was found (gpu, npu, ane), runtime:<name> -> version
+    accelerator:<kind> -> what was found (gpu, npu, ane), runtime:<name> -> version,
+    mem_bandwidth_gbps, fp32_gflops -> measured once at start (`measure_speed`, well under a second)
 
 `cores` is what this process may use (its CPU affinity: an agent started under `taskset -c 0` is a
 one-core device, and its runtimes get one thread). Runtimes are those the drivers can load here
@@ -13,9 +14,14 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import time
 from pathlib import Path
 
 from .drivers import runtime_status
+
+COPY_BYTES = 64 << 20               # larger than the last-level cache of one CPU cluster (or one EPYC CCD)
+SGEMM_SIZE = 384                    # 2·384³ = 113 MFLOP: ~1 ms on a desktop, ~50 ms on a small board
+SPEED_BUDGET_S = 0.4                # wall time the measurements may take at agent start-up
 
 
 def _os_release() -> dict[str, str]:
@@ -85,9 +91,48 @@ def accelerators() -> dict[str, str]:
     return found
 
 
-def detect(labels: dict[str, str] | None = None, offer: set[str] | None = None
+def _best_seconds(run, budget_s: float, repeats: int) -> float:
+    """The fastest of up to `repeats` timed calls of `run`, stopping once `budget_s` has passed."""
+    best, start = float("inf"), time.perf_counter()
+    for _ in range(repeats):
+        began = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - began)
+        if time.perf_counter() - start > budget_s:
+            break
+    return best
+
+
+def _copy_seconds(np, budget_s: float) -> float:
+    """Best time to copy COPY_BYTES between two buffers (freed on return, before the sgemm)."""
+    source = np.ones(COPY_BYTES // 4, dtype=np.float32)       # written once, so its pages exist before timing
+    target = np.empty_like(source)
+    np.copyto(target, source)
+    return _best_seconds(lambda: np.copyto(target, source), budget_s, 8)
+
+
+def measure_speed(budget_s: float = SPEED_BUDGET_S) -> dict[str, str]:
+    """mem_bandwidth_gbps: a COPY_BYTES buffer copied, counted as STREAM's copy counts it (bytes read +
+    bytes written, 10⁹ bytes/s); fp32_gflops: a SGEMM_SIZE² float32 matrix product (2n³ FLOPs) with the
+    threads numpy's BLAS uses here. Best of a few runs each, within `budget_s`. What the planner's
+    roofline uses for this device (shared/planner); {} when numpy is missing."""
+    try:
+        import numpy as np
+    except ImportError:
+        return {}
+    copy_s = _copy_seconds(np, budget_s / 2)
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((SGEMM_SIZE, SGEMM_SIZE), dtype=np.float32) for _ in range(2))
+    a @ b                                                     # warms the BLAS thread pool up
+    gemm_s = _best_seconds(lambda: a @ b, budget_s / 2, 8)
+    return {"mem_bandwidth_gbps": f"{2 * COPY_BYTES / copy_s / 1e9:.1f}",
+            "fp32_gflops": f"{2 * SGEMM_SIZE ** 3 / gemm_s / 1e9:.1f}"}
+
+
+def detect(labels: dict[str, str] | None = None, offer: set[str] | None = None, *, measure: bool = True
            ) -> tuple[dict[str, str], dict[str, str]]:
-    """(attributes, unavailable runtimes name -> why). `offer` narrows the runtimes to those named."""
+    """(attributes, unavailable runtimes name -> why). `offer` narrows the runtimes to those named;
+    `measure` adds measure_speed()'s attributes."""
     release = _os_release()
     system = platform.system().lower()
     attributes = {
@@ -102,6 +147,8 @@ def detect(labels: dict[str, str] | None = None, offer: set[str] | None = None
         "python": platform.python_version(),
     }
     attributes.update(accelerators())
+    if measure:
+        attributes.update(measure_speed())
     available, unavailable = runtime_status()
     for name, version in available.items():
         if offer is None or name in offer:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from google.rpc import status_pb2
 
 from edgeforge.v1 import agent_pb2, common_pb2, coordinator_pb2
-from services.coordinator import report, selectors
+from services.coordinator import predictions, report, selectors
 from services.coordinator.selection import Budget, Measured, Objective, Status, select
 from services.coordinator.spec import effective_constraints
 from services.coordinator.state import CANCELLED, FAILED, SUCCEEDED, digest
@@ -228,6 +228,7 @@ def assemble(runner: "BuildRunner", rows) -> None:
 def write_reports(runner: "BuildRunner") -> None:
     build, store = runner.build, runner.ctx.store
     document = report.build_report(build)
+    predictions.add_predictions(document, predictions.model_shape(store, build.reference_model))
     scratch = store.blobs.temp_dir()
     lineage = Lineage(tuple(c.artifact for c in build.candidates if c.artifact), {"build": build.name},
                       tool_versions(), "edgeforge.v1.Coordinator/CreateBuild")

@@ -60,7 +60,13 @@ def test_build_measures_selects_reports_and_reuses(coordinator, agent, tiny_mode
         assert row["peak_rss_bytes"] > 10 << 20 and row["load_ms"] > 0
         assert row["tokens_per_s"]["prompt"] > 0 and row["tokens_per_s"]["generation"] > 0
         assert row["status"] in ("chosen", "eligible") and (row["status"] == "chosen") == (not row["rejected_by"])
-    assert "<table>" in coordinator.read_text(build.report_html_artifact)
+        # Predicted beside measured (shared/planner): the weights plus KV cache and the runtime's overhead,
+        # from the agent's own measured bandwidth and compute.
+        predicted = row["predicted"]
+        assert predicted["memory_bytes"] > row["size_bytes"] and predicted["generation_tokens_per_s"] > 0
+        assert predicted["bound"] in ("memory", "compute") and "measured by the agent" in predicted["basis"]
+    html = coordinator.read_text(build.report_html_artifact)
+    assert "<table" in html and "Predicted" in html
     exported = coordinator.ctx.store.get(build.candidates[0].artifact.removeprefix("artifacts/"))
     assert exported.lineage.producer == "edgeforge.v1.Exporter/Export"
     assert build.candidates[0].compressed_artifact in exported.lineage.inputs
