@@ -1,5 +1,9 @@
 """gRPC server and channel bootstrap shared by every service: health checking and reflection always on.
 
+Observability (docs/OPERATIONS.md): given a `shared.metrics.ServerMetrics`, a server counts and times
+every call (its interceptor goes first, outside authentication, so refusals are counted too) and names
+each call in the log context; worker mains take --metrics-address, --log-format and --log-level.
+
 Security (docs/SECURITY.md): a server takes interceptors (the coordinator and the worker mains pass
 shared.auth.AuthInterceptor) and optional TLS — `ServerTls` with a client CA turns on mutual TLS, so
 a client without a certificate from that CA is refused during the handshake. `channel(address,
@@ -11,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 from concurrent import futures
 from pathlib import Path
 from typing import Callable, Iterable
@@ -18,6 +23,9 @@ from typing import Callable, Iterable
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from shared import logs
+from shared.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 8 << 20            # chunks are at most 4 MiB; leave room for the envelope
@@ -82,17 +90,22 @@ def client_tls_from_files(ca: Path | None, cert: Path | None = None, key: Path |
 
 def create_server(address: str, registrations: Iterable[Registration], *, max_workers: int = 32,
                   interceptors: Iterable[grpc.ServerInterceptor] = (), tls: ServerTls | None = None,
-                  extra_ports: Iterable[str] = ()) -> tuple[grpc.Server, int, health.HealthServicer]:
+                  extra_ports: Iterable[str] = (), metrics: ServerMetrics | None = None
+                  ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """Builds and starts a server on `address` ("127.0.0.1:0" picks a free port). Returns (server, port, health).
-    `extra_ports` are further plain-text addresses (the coordinator's private unix socket)."""
+    `extra_ports` are further plain-text addresses (the coordinator's private unix socket); with `metrics`,
+    every call is counted and timed there (shared/metrics.py)."""
+    registrations = list(registrations)
+    names = [health.SERVICE_NAME, reflection.SERVICE_NAME, *(name for _, _, name in registrations)]
+    interceptors = list(interceptors)
+    if metrics is not None:
+        interceptors.insert(0, metrics.interceptor(names))
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=CHANNEL_OPTIONS,
-                         interceptors=list(interceptors))
+                         interceptors=interceptors)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = [health.SERVICE_NAME, reflection.SERVICE_NAME]
     for add, servicer, service_name in registrations:
         add(servicer, server)
-        names.append(service_name)
         health_servicer.set(service_name, health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection(names, server)
@@ -162,21 +175,22 @@ def wait_ready(address: str, timeout_s: float = 30.0, *, tls: ClientTls | None =
 
 
 def create_worker_server(address: str, registration: Registration, verify: Callable | None, *,
-                         tls: ServerTls | None = None) -> tuple[grpc.Server, int]:
+                         tls: ServerTls | None = None, metrics: ServerMetrics | None = None
+                         ) -> tuple[grpc.Server, int]:
     """One worker service (calibrator, compressor or exporter) on its own server. `verify` checks each
     call's bearer token (admin only): the coordinator's TokenStore.verify, or shared.auth.RemoteVerifier
-    asking its Tokens.WhoAmI; None turns authentication off (closed test networks)."""
+    asking its Tokens.WhoAmI; None turns authentication off (closed test networks). `metrics` records every call."""
     from shared.auth import AuthInterceptor
     guard = [AuthInterceptor(verify)] if verify is not None else []
-    server, port, _ = create_server(address, [registration], interceptors=guard, tls=tls)
+    server, port, _ = create_server(address, [registration], interceptors=guard, tls=tls, metrics=metrics)
     return server, port
 
 
 def worker_main(name: str, registration_factory: Callable) -> None:
     """`python -m services.<name>.server`: one stateless worker service, using the coordinator's artifact
     store over gRPC with a local cache. `--token-file` holds an admin token: the worker sends it to the
-    coordinator, and checks every incoming call's token with the coordinator's Tokens.WhoAmI (admin only)."""
-    import os
+    coordinator, and checks every incoming call's token with the coordinator's Tokens.WhoAmI (admin only).
+    `--metrics-address` serves Prometheus metrics (off by default); `--log-format json` logs JSON lines."""
     import signal
 
     from shared.artifact_access import RemoteArtifacts
@@ -195,8 +209,9 @@ def worker_main(name: str, registration_factory: Callable) -> None:
                         help="the coordinator serves TLS signed by this CA (with mutual TLS, this worker's "
                              "--tls-cert/--tls-key are its client certificate)")
     add_server_tls_args(parser)
+    add_observability_args(parser)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(message)s")
+    logs.configure_from_args(parser, args, service=name)
     token = args.token_file.read_text().strip() if args.token_file else None
     if token is None and not args.no_auth:
         parser.error("give --token-file with an admin token (or --no-auth on a closed test network)")
@@ -209,7 +224,31 @@ def worker_main(name: str, registration_factory: Callable) -> None:
     to_coordinator = channel(args.coordinator, token=token, tls=coordinator_tls)
     access = RemoteArtifacts(args.coordinator, args.cache_dir, token=token, tls=coordinator_tls)
     verify = None if args.no_auth else RemoteVerifier(to_coordinator)
-    server, port = create_worker_server(f"{args.host}:{args.port}", registration_factory(access), verify, tls=tls)
+    metrics = ServerMetrics()
+    endpoint = serve_metrics(parser, metrics, args.metrics_address)      # a bad address stops us before serving
+    server, port = create_worker_server(f"{args.host}:{args.port}", registration_factory(access), verify, tls=tls,
+                                        metrics=metrics)
     print(f"{name} listening on {args.host}:{port}", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: server.stop(5))
     server.wait_for_termination()
+    if endpoint is not None:
+        endpoint.stop()
+
+
+def add_observability_args(parser: argparse.ArgumentParser) -> None:
+    """--metrics-address, --log-format and --log-level (docs/OPERATIONS.md)."""
+    parser.add_argument("--metrics-address", default=os.environ.get("EDGEFORGE_METRICS_ADDRESS"),
+                        help="serve Prometheus metrics over plain HTTP at http://HOST:PORT/metrics, e.g. "
+                             "127.0.0.1:9470 (0 picks a free port; off unless given; no authentication, so keep "
+                             "it on loopback or a private network); default $EDGEFORGE_METRICS_ADDRESS")
+    logs.add_arguments(parser)
+
+
+def serve_metrics(parser: argparse.ArgumentParser, metrics: ServerMetrics, address: str | None):
+    """`metrics` served on `address` (None: not served); a bad or busy address is a usage error."""
+    if not address:
+        return None
+    try:
+        return metrics.serve(address)
+    except (ValueError, OSError) as error:
+        parser.error(str(error))

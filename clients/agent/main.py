@@ -36,7 +36,7 @@ import grpc
 from google.protobuf import json_format
 from google.rpc import status_pb2
 
-from . import __version__, process, profile
+from . import __version__, logs, process, profile
 from .cache import ArtifactCache, CacheError, Unpacked
 from .config import AgentConfig, config_from, parser
 from .drivers import FORMAT_RUNTIME
@@ -391,9 +391,12 @@ class Agent:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parser(__doc__).parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s agent %(levelname)s %(message)s")
+    arguments = parser(__doc__)
+    logs.add_arguments(arguments)              # --log-format json: one JSON object per line (docs/OPERATIONS.md)
+    args = arguments.parse_args(argv)
+    if args.verbose:
+        args.log_level = "debug"
+    logs.configure_from_args(arguments, args, service="agent")
     try:
         config = config_from(args)
     except (ValueError, OSError) as error:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from edgeforge.v1 import coordinator_pb2
 from services.coordinator.scheduler import Scheduler
@@ -12,6 +13,10 @@ from services.coordinator.ownership import Ownership
 from services.coordinator.workers import Workers
 from shared.auth import TokenStore
 from shared.store.artifacts import ArtifactStore
+
+if TYPE_CHECKING:                           # metrics.py imports this module
+    from services.coordinator.metrics import CoordinatorMetrics
+    from shared.metrics import MetricsEndpoint
 
 HEARTBEAT_INTERVAL_S = 5.0
 OFFLINE_AFTER_S = 3 * HEARTBEAT_INTERVAL_S
@@ -29,6 +34,9 @@ class CoordinatorContext:
     tokens: TokenStore | None = None
     ownership: Ownership | None = None     # per-resource authorization (services/coordinator/ownership.py)
     admin_token: str = ""                   # the coordinator's own admin secret: it calls worker services with it
+    metrics: CoordinatorMetrics | None = None        # counters of build and lease events
+    metrics_endpoint: MetricsEndpoint | None = None  # the HTTP server of /metrics, when served
+    metrics_port: int = 0                   # its port; 0 when not served
 
     def notify(self) -> None:
         with self.changed:

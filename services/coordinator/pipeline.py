@@ -27,6 +27,7 @@ from services.coordinator.spec import PlannedCandidate, plan
 from services.coordinator.state import digest
 from services.exporter.base import ExportFormat
 from services.exporter.convert import format_to_proto, options_to_proto
+from shared import logs
 from shared.artifact_convert import struct
 from shared.errors import Cancelled, EdgeforgeError, ResourceExhausted
 from shared.grpc_status import status_of
@@ -56,6 +57,7 @@ class BuildRunner:
         self.progress.stage, self.progress.message = stage, message
         self.progress.percent = max(percent, self.progress.percent)
         self.progress.candidate_id = candidate
+        logs.bind(candidate=candidate)             # the build's thread: its log lines name the candidate
         self.progress.update_time.GetCurrentTime()
         self.save(done=False)
         log.info("%s %5.1f%% %s", self.build.name, percent, message)
@@ -92,6 +94,7 @@ class BuildRunner:
 
     # ------------------------------------------------------------------ the build
     def run(self) -> None:
+        logs.bind(build=self.build.name)           # this thread runs only this build
         try:
             self._run()
             self.build.state = coordinator_pb2.BUILD_STATE_SUCCEEDED
@@ -118,6 +121,8 @@ class BuildRunner:
         self.progress.update_time.GetCurrentTime()
         try:
             self.save(done=True)
+            if self.ctx.metrics is not None:
+                self.ctx.metrics.build_finished(self.build)
         except EdgeforgeError as error:     # e.g. the disk is full: the build stays unfinished on disk
             log.error("%s: could not record its end (%s); it will run again when the coordinator restarts",
                       self.build.name, error.message)

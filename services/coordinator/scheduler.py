@@ -14,6 +14,9 @@ restarted agent does.
 A coordinator that starts over an existing database gives every active lease one fresh TTL: its own
 downtime must not count against agents that kept measuring through it (their heartbeats and results
 resume on their own). A lease whose agent is gone too lapses after that TTL, as any other.
+
+Every lapse is counted in `lease_lapses` (edgeforge_lease_lapses_total, services/coordinator/metrics.py)
+when the coordinator passes that counter; a lease abandoned for new work is not a lapse.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from google.rpc import status_pb2
 from edgeforge.v1 import agent_pb2, common_pb2, coordinator_pb2
 from services.coordinator import selectors
 from services.coordinator.state import CANCELLED, FAILED, LEASED, QUEUED, SUCCEEDED, CoordinatorState
+from shared import logs
 from shared.errors import FailedPrecondition, NotFound
 from shared.grpc_status import status_of
 
@@ -35,9 +39,11 @@ ACTIVE, EXPIRED, REPORTED = "ACTIVE", "EXPIRED", "REPORTED"
 
 
 class Scheduler:
-    def __init__(self, state: CoordinatorState, *, lease_ttl_s: float = 30.0, max_attempts: int = 3):
+    def __init__(self, state: CoordinatorState, *, lease_ttl_s: float = 30.0, max_attempts: int = 3,
+                 lease_lapses=None):
         self.state, self.db = state, state.db
         self.lease_ttl_s, self.max_attempts = lease_ttl_s, max_attempts
+        self.lease_lapses = lease_lapses        # a prometheus_client Counter, or None
         self._wakeup = threading.Condition()
         self._enqueued = 0                      # bumped by every enqueue, so a waiter never misses one
         self.renew_active_leases()
@@ -78,6 +84,8 @@ class Scheduler:
     def _expire(self, conn, now: float) -> None:
         for lease in conn.execute("SELECT * FROM leases WHERE state = ? AND expire_time < ?", (ACTIVE, now)).fetchall():
             self._release(conn, lease["id"], lease["job_id"], f"lease {lease['id']} lapsed without a heartbeat")
+            if self.lease_lapses is not None:
+                self.lease_lapses.inc()
 
     def _release(self, conn, lease_id: str, job_id: str, why: str) -> None:
         conn.execute("UPDATE leases SET state = ? WHERE id = ?", (EXPIRED, lease_id))
@@ -92,6 +100,7 @@ class Scheduler:
             conn.execute("UPDATE jobs SET state = ?, lease_id = NULL WHERE id = ?", (QUEUED, job_id))
 
     def lease(self, device_id: str, wait_s: float) -> agent_pb2.Lease | None:
+        logs.bind(device=f"devices/{device_id}")                        # for the rest of this call's log lines
         device, _ = self.state.device(device_id)                        # NOT_FOUND for strangers
         slots = max(device.slots, 1)
         deadline = time.monotonic() + wait_s
@@ -129,6 +138,7 @@ class Scheduler:
     def heartbeat(self, device_id: str, lease_names: list[str]) -> list[str]:
         """Extends the device's named leases; returns those it must abandon."""
         now = time.time()
+        logs.bind(device=f"devices/{device_id}")
         self.state.touch_device(device_id, now)
         cancelled = []
         with self.db.transaction() as conn:

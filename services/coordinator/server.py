@@ -9,6 +9,10 @@ only configuration changes: the coordinator always calls the workers through the
 its own admin token (`ctx.admin_token`, also written to <data-dir>/admin.token for the operator and
 for standalone workers' --token-file). Served with TLS, embedded workers are reached over a private
 unix socket, so the coordinator needs no client certificate for itself.
+
+Metrics (docs/OPERATIONS.md): every coordinator records RPC metrics (shared/metrics.py) and its own
+(services/coordinator/metrics.py) in its own registry; `metrics_address` (--metrics-address) serves them
+at http://ADDRESS/metrics, recorded in ctx.metrics_port and stopped by ctx.metrics_endpoint.stop().
 """
 from __future__ import annotations
 
@@ -24,14 +28,16 @@ from services.calibrator import servicer as calibrator
 from services.compressor import servicer as compressor
 from services.coordinator import artifacts_servicer, devices_servicer, servicer, tokens_servicer
 from services.coordinator.context import CoordinatorContext
+from services.coordinator.metrics import CoordinatorMetrics
 from services.coordinator.ownership import Ownership
 from services.coordinator.scheduler import Scheduler
 from services.coordinator.state import CoordinatorState
 from services.coordinator.workers import Workers
 from services.exporter import servicer as exporter
-from shared import server as bootstrap
+from shared import logs, server as bootstrap
 from shared.artifact_access import LocalArtifacts
 from shared.auth import AuthInterceptor, TokenStore, ensure_token_file
+from shared.metrics import ServerMetrics, parse_address
 from shared.server import ClientTls, ServerTls
 from shared.store.artifacts import ArtifactStore
 from shared.store.database import Database
@@ -46,19 +52,25 @@ ADMIN_TOKEN_FILE = "admin.token"
 
 def create_server(address: str, data_dir: Path, workers: dict[str, str] | None = None, *,
                   device_wait_s: float = 120.0, lease_ttl_s: float = 30.0, max_attempts: int = 3,
-                  auth: bool = True, tls: ServerTls | None = None, worker_tls: ClientTls | None = None
-                  ) -> tuple[grpc.Server, int, CoordinatorContext]:
+                  auth: bool = True, tls: ServerTls | None = None, worker_tls: ClientTls | None = None,
+                  metrics_address: str | None = None) -> tuple[grpc.Server, int, CoordinatorContext]:
     """Starts a coordinator. `workers` maps calibrator/compressor/exporter to addresses; None embeds them.
     With `auth` (the default) every service but health checking needs a live token (shared/auth.py);
     `tls` serves TLS (mutual with a client CA); `worker_tls` is how to reach standalone workers over TLS.
+    `metrics_address` ("127.0.0.1:0") serves Prometheus metrics over HTTP; the bound port is ctx.metrics_port.
     Writes data_dir/admin.token (0600): the coordinator's own admin token, reused while it is live."""
+    if metrics_address:
+        parse_address(metrics_address)          # a bad address fails before anything is created
     db = Database(data_dir / "edgeforge.db")
     store = ArtifactStore(db, data_dir)
     state = CoordinatorState(db)
     tokens = TokenStore(db)
-    ctx = CoordinatorContext(store, state, Scheduler(state, lease_ttl_s=lease_ttl_s, max_attempts=max_attempts),
+    server_metrics = ServerMetrics()
+    metrics = CoordinatorMetrics(server_metrics.registry, state)
+    ctx = CoordinatorContext(store, state, Scheduler(state, lease_ttl_s=lease_ttl_s, max_attempts=max_attempts,
+                                                     lease_lapses=metrics.lease_lapses),
                              workers=None, device_wait_s=device_wait_s, tokens=tokens,
-                             ownership=Ownership(Grants(db), state, tokens))
+                             ownership=Ownership(Grants(db), state, tokens), metrics=metrics)
     ctx.admin_token = ensure_token_file(tokens, data_dir / ADMIN_TOKEN_FILE, "admin", "coordinator (internal)")
     builds = servicer.Builds(ctx)
     registrations = [*servicer.registrations(ctx, builds), artifacts_servicer.registration(store, ctx.ownership),
@@ -72,7 +84,14 @@ def create_server(address: str, data_dir: Path, workers: dict[str, str] | None =
             private = [f"unix:{_socket_path(data_dir)}"]
     guard = [AuthInterceptor(tokens.verify)] if auth else []
     server, port, _ = bootstrap.create_server(address, registrations, max_workers=MAX_WORKERS, interceptors=guard,
-                                              tls=tls, extra_ports=private)
+                                              tls=tls, extra_ports=private, metrics=server_metrics)
+    if metrics_address:
+        try:
+            ctx.metrics_endpoint = server_metrics.serve(metrics_address)
+        except (ValueError, OSError):
+            server.stop(0)
+            raise
+        ctx.metrics_port = ctx.metrics_endpoint.port
     if workers is None:
         host = address.rsplit(":", 1)[0]
         self_address = private[0] if private else f"{'127.0.0.1' if host in ('0.0.0.0', '[::]', '') else host}:{port}"
@@ -107,8 +126,9 @@ def main() -> None:
                         help="the standalone workers serve TLS signed by this CA (with mutual TLS, --tls-cert and "
                              "--tls-key are also this coordinator's client certificate)")
     bootstrap.add_server_tls_args(parser)
+    bootstrap.add_observability_args(parser)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s coordinator %(levelname)s %(message)s")
+    logs.configure_from_args(parser, args, service="coordinator")
     given = [args.calibrator, args.compressor, args.exporter]
     if any(given) and not all(given):
         parser.error("give all of --calibrator, --compressor and --exporter, or none to embed them")
@@ -118,11 +138,17 @@ def main() -> None:
                                                      args.tls_key if args.worker_tls_ca else None)
     except ValueError as error:
         parser.error(str(error))
-    server, port, _ = create_server(f"{args.host}:{args.port}", args.data_dir, workers, auth=not args.no_auth,
-                                    tls=bootstrap.server_tls_from_args(parser, args), worker_tls=worker_tls)
+    try:
+        server, port, ctx = create_server(f"{args.host}:{args.port}", args.data_dir, workers, auth=not args.no_auth,
+                                          tls=bootstrap.server_tls_from_args(parser, args), worker_tls=worker_tls,
+                                          metrics_address=args.metrics_address)
+    except (ValueError, OSError) as error:
+        parser.error(str(error))
     print(f"coordinator listening on {args.host}:{port}", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: server.stop(5))
     server.wait_for_termination()
+    if ctx.metrics_endpoint is not None:
+        ctx.metrics_endpoint.stop()
 
 
 if __name__ == "__main__":

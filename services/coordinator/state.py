@@ -22,7 +22,7 @@ SCHEMA = [
     """CREATE TABLE IF NOT EXISTS builds (
         id TEXT PRIMARY KEY, request_id TEXT UNIQUE, request_hash TEXT NOT NULL, build BLOB NOT NULL,
         progress BLOB NOT NULL, done INTEGER NOT NULL, cancel_requested INTEGER NOT NULL,
-        create_time REAL NOT NULL, runs INTEGER NOT NULL DEFAULT 0)""",
+        create_time REAL NOT NULL, runs INTEGER NOT NULL DEFAULT 0, state INTEGER NOT NULL DEFAULT 0)""",
     """CREATE TABLE IF NOT EXISTS memo (key TEXT PRIMARY KEY, value BLOB NOT NULL, create_time REAL NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS stage_runs (
         build_id TEXT NOT NULL, run INTEGER NOT NULL, stage TEXT NOT NULL, key TEXT NOT NULL,
@@ -43,7 +43,7 @@ SCHEMA = [
 
 QUEUED, LEASED, SUCCEEDED, FAILED, CANCELLED = "QUEUED", "LEASED", "SUCCEEDED", "FAILED", "CANCELLED"
 # Columns added after the first release, for databases created before them: (table, column, declaration).
-ADDED_COLUMNS = [("builds", "runs", "INTEGER NOT NULL DEFAULT 0"),
+ADDED_COLUMNS = [("builds", "runs", "INTEGER NOT NULL DEFAULT 0"), ("builds", "state", "INTEGER NOT NULL DEFAULT 0"),
                  ("jobs", "target", "TEXT NOT NULL DEFAULT ''"), ("jobs", "selector", "TEXT NOT NULL DEFAULT ''"),
                  ("jobs", "priority", "INTEGER NOT NULL DEFAULT 0"), ("jobs", "measured_by", "TEXT")]
 
@@ -61,6 +61,10 @@ class CoordinatorState:
                 if known and column not in known:
                     conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
         db.migrate(SCHEMA)
+        with db.transaction() as conn:          # builds.state mirrors Build.state (metrics count it in SQL)
+            for row in conn.execute("SELECT id, build FROM builds WHERE state = 0").fetchall():
+                conn.execute("UPDATE builds SET state = ? WHERE id = ?",
+                             (coordinator_pb2.Build.FromString(row["build"]).state, row["id"]))
 
     # ------------------------------------------------------------------ builds
     def create_build(self, build: coordinator_pb2.Build, progress: coordinator_pb2.BuildProgress,
@@ -77,15 +81,15 @@ class CoordinatorState:
                     return row["id"], False
             build_id = build.name.removeprefix("builds/")
             conn.execute("INSERT INTO builds (id, request_id, request_hash, build, progress, done, cancel_requested, "
-                         "create_time) VALUES (?, ?, ?, ?, ?, 0, 0, ?)",
+                         "create_time, state) VALUES (?, ?, ?, ?, ?, 0, 0, ?, ?)",
                          (build_id, request_id or None, request_hash, build.SerializeToString(),
-                          progress.SerializeToString(), time.time()))
+                          progress.SerializeToString(), time.time(), build.state))
         return build_id, True
 
     def save_build(self, build: coordinator_pb2.Build, progress: coordinator_pb2.BuildProgress, done: bool) -> None:
         with self.db.transaction() as conn:
-            conn.execute("UPDATE builds SET build = ?, progress = ?, done = ? WHERE id = ?",
-                         (build.SerializeToString(), progress.SerializeToString(), int(done),
+            conn.execute("UPDATE builds SET build = ?, progress = ?, done = ?, state = ? WHERE id = ?",
+                         (build.SerializeToString(), progress.SerializeToString(), int(done), build.state,
                           build.name.removeprefix("builds/")))
 
     def load_build(self, build_id: str) -> tuple[coordinator_pb2.Build, coordinator_pb2.BuildProgress, bool, bool]:

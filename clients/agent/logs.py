@@ -1,0 +1,1 @@
+../../shared/logs.py
