@@ -21,7 +21,9 @@ def cmd_store_check(args: argparse.Namespace) -> int:
     try:
         report = check_store(args.data_dir, repair=args.repair, grace_s=args.grace_s)
     except NotFound as error:
-        print(f"edgeforge: {error.message}", file=sys.stderr)
+        print(json.dumps({"error": {"code": "NOT_FOUND", "reason": error.reason, "field": "--data-dir",
+                                    "message": error.message}, "exit_code": 2}) if args.json
+              else f"edgeforge: {error.message}", file=sys.stderr)           # as clients/cli/main.py writes errors
         return 2
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.render())
     return 0 if report.clean else 1

@@ -1,4 +1,5 @@
-"""Plain-text tables of a build's results (what `edgeforge build --wait` and the demo print).
+"""Plain-text tables of a build's results (what `edgeforge build --wait` and the demo print), and the rows
+of `edgeforge build --watch`'s live table.
 
 Lines stay within 120 columns: numbers on the candidate's row, the reason it was not chosen wrapped on
 the lines below it.
@@ -16,18 +17,33 @@ def _no_negative_zero(value: float) -> float:
     return 0.0 if abs(value) < 0.005 else value
 
 
+def _cell(value: float, width: int = 8, decimals: int = 1, sign: str = "") -> str:
+    """`value` right-aligned in `width` columns with at least one space before it: fewer decimals when it
+    would not fit, then fewer significant digits (a huge random-model perplexity still leaves a gap)."""
+    for places in range(decimals, -1, -1):
+        text = f"{value:{sign}.{places}f}"
+        if len(text) < width:
+            return text.rjust(width)
+    for digits in range(3, 0, -1):
+        text = f"{value:{sign}.{digits}g}"
+        if len(text) < width:
+            break
+    return text.rjust(width)
+
+
 def _row(r: dict, id_width: int) -> list[str]:
     front = "*" if r.get("pareto") else " "
     unstable = "~" if r.get("unstable") else " "
     status = "★ chosen" if r["status"] == "chosen" else r["status"]
-    made = (f"{r['size_bytes'] / 1e6:>8.1f}{r['quality']['value']:>8.3f}"
-            f"{_no_negative_zero(r['quality']['delta_pct']):>+8.2f}")
+    made = (_cell(r["size_bytes"] / 1e6) + _cell(r["quality"]["value"], decimals=3)
+            + _cell(_no_negative_zero(r["quality"]["delta_pct"]), decimals=2, sign="+"))
     if r["status"] == "failed" and not r["latency_ms"]["p90"]:      # never measured: no zeros posing as numbers
         measured = f"{'-':>8}{'-':>8} {'-':>6}{'-':>8}{'-':>8}{'-':>8}{'-':>8}"
     else:
-        measured = (f"{r['latency_ms']['p50']:>8.1f}{r['latency_ms']['p90']:>8.1f}{unstable}"
-                    f"{r.get('cv_pct', 0.0):>6.1f}{r['load_ms']:>8.0f}{r['peak_rss_bytes'] / 1e6:>8.0f}"
-                    f"{r['tokens_per_s']['prompt']:>8.1f}{r['tokens_per_s']['generation']:>8.1f}")
+        measured = (_cell(r["latency_ms"]["p50"]) + _cell(r["latency_ms"]["p90"]) + unstable
+                    + _cell(r.get("cv_pct", 0.0), 6) + _cell(r["load_ms"], decimals=0)
+                    + _cell(r["peak_rss_bytes"] / 1e6, decimals=0) + _cell(r["tokens_per_s"]["prompt"])
+                    + _cell(r["tokens_per_s"]["generation"]))
     numbers = f"{made}{measured}  {status}"
     if len(r["id"]) <= id_width:
         lines = [f"  {front} {r['id']:<{id_width}}{numbers}"]
@@ -93,3 +109,19 @@ def pipeline_table(report: dict) -> list[str]:
             if step["note"]:
                 lines += textwrap.wrap(step["note"], WIDTH, initial_indent="        ", subsequent_indent="        ")
     return lines
+
+
+LIVE_HEADER = f"    {'candidate (as it is made)':<36}{'size MB':>9}  quality vs float32"
+
+
+def live_row(candidate: dict) -> str:
+    """One line of `edgeforge build --watch`'s live table: a CandidateResult (as a dict with proto field names)
+    once the coordinator has made it, before any device has measured it."""
+    if candidate.get("error"):
+        return f"    {candidate['id']:<36}{'-':>9}  failed: {candidate['error'].get('message', '')}"[:WIDTH]
+    quality = candidate.get("quality") or {}
+    metric = _METRIC_SHORT.get(quality.get("metric", ""), quality.get("metric", "quality"))
+    size_mb = int(candidate.get("size_bytes", 0)) / 1e6          # int64 arrives as a string in proto JSON
+    text = (f"{metric} {quality['value']:.4g} ({_no_negative_zero(quality.get('delta_pct', 0.0)):+.2f}%)"
+            if "value" in quality else "not evaluated")
+    return f"    {candidate['id']:<36}{size_mb:>9.1f}  {text}"

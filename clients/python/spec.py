@@ -1,7 +1,8 @@
 """The YAML build spec (docs/SPEC.md) -> a BuildSpec proto, validated before anything is uploaded.
 
-Unknown keys and bad values raise SpecError naming the field, with a suggestion for near-miss keys
-("unknown key 'quantisation' — did you mean 'quantization'?"). Relative paths resolve against the
+Unknown keys (at any depth) and unknown names of a fixed set raise SpecError naming the field, with
+the closest known name as a suggestion ("unknown key 'quantisation' at candidates[0] — did you mean
+'quantization'?"); `load` adds the line of the YAML file it is on. Relative paths resolve against the
 spec file's directory.
 """
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +27,15 @@ INT64_MAX = 2 ** 63 - 1
 
 
 class SpecError(ValueError):
-    def __init__(self, field: str, message: str):
+    """A bad spec: `field` is its path ("candidates[0].quantization.type"), `line` the 1-based line of the
+    YAML file it is on when the spec came from `load` (None from `parse`, or when the field is absent)."""
+
+    def __init__(self, field: str, message: str, line: int | None = None):
         super().__init__(f"{field}: {message}")
-        self.field = field
+        self.field, self.message, self.line = field, message, line
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}" + (f" (line {self.line})" if self.line else "")
 
 
 # section -> {key: type}; nested dicts are described by their own entries.
@@ -103,9 +111,8 @@ def _check_keys(section: str, field: str, value: Any) -> dict:
     for key, item in value.items():
         path = f"{field}.{key}" if field else str(key)
         if key not in allowed:
-            close = difflib.get_close_matches(str(key), list(allowed), n=1)
-            hint = f" — did you mean '{close[0]}'?" if close else f" (allowed: {', '.join(allowed)})"
-            raise SpecError(path, f"unknown key '{key}'{hint}")
+            raise SpecError(path, f"unknown key '{key}'{f' at {field}' if field else ''}"
+                                  f"{_suggestion(str(key), allowed, 'allowed')}")
         expected = allowed[key]
         if isinstance(item, bool) and expected is not bool:
             raise SpecError(path, f"must be {_type_name(expected)}, got a boolean")
@@ -122,12 +129,21 @@ def _type_name(expected) -> str:
     return names[expected]
 
 
-def _choice(table: dict, value: str, field: str) -> int:
-    if value not in table:
-        close = difflib.get_close_matches(value, list(table), n=1)
-        hint = f" — did you mean '{close[0]}'?" if close else ""
-        raise SpecError(field, f"'{value}' is not one of {', '.join(table)}{hint}")
-    return table[value]
+def _suggestion(value: str, known, listing: str = "") -> str:
+    """" — did you mean 'quantization'?" for the closest known name (difflib ratio >= 0.6); else, with
+    `listing`, " (allowed: a, b, c)"; else nothing."""
+    close = difflib.get_close_matches(value, [str(k) for k in known], n=1, cutoff=0.6)
+    if close:
+        return f" — did you mean '{close[0]}'?"
+    return f" ({listing}: {', '.join(map(str, known))})" if listing else ""
+
+
+def _choice(table, value: str, field: str):
+    """table[value] of a mapping of names (or the value itself from a tuple of names); a name not in it is a
+    SpecError listing the names, with the closest as a suggestion."""
+    if not isinstance(value, str) or value not in table:
+        raise SpecError(field, f"'{value}' is not one of {', '.join(table)}{_suggestion(str(value), table)}")
+    return table[value] if isinstance(table, dict) else value
 
 
 def _positive(value: int | float | None, field: str, upper: float | None = None, lower: float | None = None):
@@ -157,6 +173,8 @@ def _file(base: Path, value: str | None, field: str) -> Path:
 
 def quantization(raw: dict, field: str, export_format: str) -> common_pb2.QuantizationConfig:
     raw = _check_keys("quantization", field, raw)
+    if raw.get("type"):
+        _choice((*GGUF_TYPES, *FLOAT_TYPES), raw["type"], f"{field}.type")
     method = raw.get("method", "rtn" if "bits" in raw or raw.get("type", "") not in FLOAT_TYPES else "none")
     proto = common_pb2.QuantizationConfig(
         method=_choice(METHODS, method, f"{field}.method"), gguf_type=raw.get("type", ""), bits=raw.get("bits", 0),
@@ -209,7 +227,8 @@ def export_options(raw: dict, field: str) -> common_pb2.ExportOptions:
         if "palette_mode" in coreml:
             proto.coreml.palette_mode = _choice(PALETTE_MODES, coreml["palette_mode"], f"{field}.coreml.palette_mode")
     if proto.float_type and proto.float_type not in FLOAT_TYPES:
-        raise SpecError(f"{field}.float_type", f"must be one of {', '.join(FLOAT_TYPES)}, got {proto.float_type!r}")
+        raise SpecError(f"{field}.float_type", f"must be one of {', '.join(FLOAT_TYPES)}, got {proto.float_type!r}"
+                                               f"{_suggestion(proto.float_type, FLOAT_TYPES)}")
     if not 0 <= proto.coreml.palette_bits <= 8:
         raise SpecError(f"{field}.coreml.palette_bits", f"must be in [0, 8], got {proto.coreml.palette_bits}")
     if not 0 <= proto.coreml.sparsity < 1:
@@ -379,7 +398,12 @@ def load(path: Path) -> SpecFile:
         size = path.stat().st_size
         if size > MAX_SPEC_BYTES:
             raise SpecError("spec", f"{path.name} is {size} bytes; a spec file is at most {MAX_SPEC_BYTES} bytes")
-        raw = yaml.safe_load(path.read_text())
+        loader = yaml.SafeLoader(path.read_text())
+        try:
+            node = loader.get_single_node()               # the node tree keeps each value's line
+            raw = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
     except yaml.YAMLError as error:
         raise SpecError("spec", f"{path.name} is not valid YAML: {error}")
     except RecursionError:                      # PyYAML parses nested collections recursively
@@ -388,4 +412,30 @@ def load(path: Path) -> SpecFile:
         raise SpecError("spec", f"{path.name} is not UTF-8 text (byte {error.start}: {error.reason})")
     except OSError as error:
         raise SpecError("spec", f"cannot read {path}: {error.strerror}")
-    return parse(raw, path.parent)
+    try:
+        return parse(raw, path.parent)
+    except SpecError as error:
+        error.line = line_of(node, error.field)
+        raise
+
+
+_PATH_PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+
+
+def line_of(node, field: str) -> int | None:
+    """The 1-based line of `field` ("candidates[0].quantization.type") in a YAML node tree: of its key when
+    it is a mapping key (an unknown key's own line), else of the deepest part of the path that exists."""
+    import yaml
+    line = None
+    for name, index in _PATH_PART.findall(field):
+        if isinstance(node, yaml.SequenceNode) and index and int(index) < len(node.value):
+            node = node.value[int(index)]
+            line = node.start_mark.line + 1
+        elif isinstance(node, yaml.MappingNode) and name:
+            entry = next(((key, value) for key, value in node.value if getattr(key, "value", None) == name), None)
+            if entry is None:
+                break
+            line, node = entry[0].start_mark.line + 1, entry[1]
+        else:
+            break
+    return line

@@ -285,3 +285,55 @@ def test_load_yaml_typo_is_reported_with_suggestion(base):
     with pytest.raises(SpecError) as info:
         load(spec_path)
     assert info.value.field == "calibraton" and "did you mean 'calibration'" in str(info.value)
+
+
+@pytest.mark.parametrize("changes, field, message", [
+    (dict(targets=[{"selector": {"os": "linux"}, "constraints": {"max_sise_bytes": 5}}]),
+     "targets[0].constraints.max_sise_bytes",
+     "unknown key 'max_sise_bytes' at targets[0].constraints — did you mean 'max_size_bytes'?"),
+    (dict(candidates=[{"format": "gguf", "steps": [{"quantise": {"type": "q8_0"}}]}]), "candidates[0].steps[0].quantise",
+     "unknown key 'quantise' at candidates[0].steps[0] — did you mean 'quantize'?"),
+    (dict(candidates=[{"format": "gguf", "quantization": {"type": "q4_0", "method": "gptq",
+                                                          "gptq": {"damp_precent": 1}}}]),
+     "candidates[0].quantization.gptq.damp_precent",
+     "unknown key 'damp_precent' at candidates[0].quantization.gptq — did you mean 'damp_percent'?"),
+    (dict(candidates=[{"format": "onnx", "steps": [{"prune": {"method": "wanda", "sparsity": 0.5,
+                                                              "finetune": {"step": 10}}}]}]),
+     "candidates[0].steps[0].prune.finetune.step",
+     "unknown key 'step' at candidates[0].steps[0].prune.finetune — did you mean 'steps'?"),
+    (dict(candidates=[{"format": "gguf", "quantization": {"type": "q4_o"}}]), "candidates[0].quantization.type",
+     "'q4_o' is not one of q8_0, q4_0"),
+    (dict(candidates=[{"format": "gguf", "quantization": {"type": "q4_km"}}]), "candidates[0].quantization.type",
+     "did you mean 'q4_k_m'?"),
+    (dict(candidates=[{"format": "onnx", "export": {"float_type": "fp16"}}]), "candidates[0].export.float_type",
+     "did you mean 'f16'?"),
+    (dict(candidates=[{"format": "onnx", "steps": [{"prune": {"method": "wanda", "scope": "globl"}}]}]),
+     "candidates[0].steps[0].prune.scope", "did you mean 'global'?"),
+])
+def test_unknown_names_at_any_depth_suggest_the_fix(base, changes, field, message):
+    error = _error(_raw(**changes), base)
+    assert error.field == field and message in str(error), str(error)
+
+
+def test_top_level_unknown_key_has_no_parent_in_the_message(base):
+    error = _error(_raw(calibraton={}), base)
+    assert error.message == "unknown key 'calibraton' — did you mean 'calibration'?"
+
+
+def test_load_names_the_line_of_the_bad_field(base):
+    spec_path = base / "typo.yaml"
+    spec_path.write_text("name: x\nmodel: {path: models/tiny}\ncalibration: {text_file: data/calib.txt}\n"
+                         "evaluation: {text_file: data/eval.txt}\ntargets:\n  - selector: {os: linux}\n"
+                         "    constraints:\n      max_sise_bytes: 5\ncandidates:\n  - format: gguf\n"
+                         "    quantization: {type: q4_o}\n")
+    with pytest.raises(SpecError) as info:
+        load(spec_path)
+    assert info.value.line == 8 and str(info.value).endswith("(line 8)")
+    spec_path.write_text(spec_path.read_text().replace("max_sise_bytes", "max_size_bytes"))
+    with pytest.raises(SpecError) as info:
+        load(spec_path)
+    assert info.value.field == "candidates[0].quantization.type" and info.value.line == 11
+
+
+def test_parse_knows_no_lines(base):
+    assert _error(_raw(colour="blue"), base).line is None
