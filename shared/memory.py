@@ -1,7 +1,7 @@
 """Deployment memory arithmetic (seed chapter 0): weight memory = parameters × bits / 8.
 
-Sizes are reported in GiB (2^30 bytes), as nvidia-smi does; the seed's table labels its numbers
-"GB" while computing GiB (70B at 32 bits = 260.8 GiB = 280 GB). The planner issue builds on this.
+Sizes are reported in GiB (2^30 bytes), as nvidia-smi does. The seed says it uses GiB throughout, but its
+table is decimal (70B at 32 bits = 280 GB) while its code prints GiB (260.8). shared/planner builds on this.
 """
 from __future__ import annotations
 
