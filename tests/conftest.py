@@ -133,3 +133,21 @@ def small_cnn(tmp_path_factory):
         input={"image": {"channels": 1, "size": 28, "mean": [mean], "std": [std]}, "names": ["images"]},
         source={"format": "test fixture", "dataset": "fashion-mnist", "train_images": 3000}, check=True)
     return directory.path, files
+
+
+@pytest.fixture
+def json_logs():
+    """Every log record of this process as JSON lines (DEBUG and up) in a buffer; the root logger's
+    handlers and level come back afterwards."""
+    import io
+    import logging
+
+    from shared import logs
+    root = logging.getLogger()
+    saved, level = root.handlers[:], root.level
+    stream = io.StringIO()
+    logs.configure("json", "debug", service="coordinator", stream=stream)
+    yield stream
+    logging.captureWarnings(False)
+    root.handlers[:] = saved
+    root.setLevel(level)

@@ -4,9 +4,7 @@ a standalone worker; `edgeforge up --metrics-address 127.0.0.1:0 --log-format js
 every stderr line is a JSON object and whose /metrics answers."""
 from __future__ import annotations
 
-import io
 import json
-import logging
 import os
 import re
 import signal
@@ -37,19 +35,6 @@ def scrape(port: int) -> dict[tuple[str, frozenset], float]:
 
 def sample(samples: dict, name: str, **labels) -> float | None:
     return samples.get((name, frozenset(labels.items())))
-
-
-@pytest.fixture
-def json_logs():
-    """Every log record of this process as JSON lines (DEBUG and up) in a buffer."""
-    root = logging.getLogger()
-    saved, level = root.handlers[:], root.level
-    stream = io.StringIO()
-    logs.configure("json", "debug", service="coordinator", stream=stream)
-    yield stream
-    logging.captureWarnings(False)
-    root.handlers[:] = saved
-    root.setLevel(level)
 
 
 @pytest.fixture

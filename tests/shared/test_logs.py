@@ -13,29 +13,16 @@ import pytest
 from shared import logs
 
 
-@pytest.fixture
-def captured():
-    """The root logger writing JSON (at DEBUG) into a buffer; the previous handlers come back afterwards."""
-    root = logging.getLogger()
-    saved, level = root.handlers[:], root.level
-    stream = io.StringIO()
-    logs.configure("json", "debug", service="coordinator", stream=stream)
-    yield stream
-    logging.captureWarnings(False)
-    root.handlers[:] = saved
-    root.setLevel(level)
-
-
 def lines(stream: io.StringIO) -> list[dict]:
     return [json.loads(line) for line in stream.getvalue().splitlines()]
 
 
-def test_each_record_is_one_json_object_on_one_line_with_the_fields(captured):
+def test_each_record_is_one_json_object_on_one_line_with_the_fields(json_logs):
     log = logging.getLogger("services.coordinator.pipeline")
     log.info("first line\nsecond line with \"quotes\" and ünïcode")
     log.debug("%d candidates", 3, extra={"duration_ms": 1.5, "code": "OK"})
-    first, second = lines(captured)
-    assert captured.getvalue().count("\n") == 2                      # the newline in the message is escaped
+    first, second = lines(json_logs)
+    assert json_logs.getvalue().count("\n") == 2                      # the newline in the message is escaped
     assert first["message"] == "first line\nsecond line with \"quotes\" and ünïcode"
     assert (first["level"], first["logger"], first["service"]) == ("INFO", "services.coordinator.pipeline",
                                                                    "coordinator")
@@ -46,18 +33,18 @@ def test_each_record_is_one_json_object_on_one_line_with_the_fields(captured):
     assert (second["duration_ms"], second["code"]) == (1.5, "OK")
 
 
-def test_an_exception_is_a_traceback_string_in_the_same_object(captured):
+def test_an_exception_is_a_traceback_string_in_the_same_object(json_logs):
     try:
         {}["missing"]
     except KeyError:
         logging.getLogger("x").exception("build crashed")
-    (record,) = lines(captured)
+    (record,) = lines(json_logs)
     assert record["level"] == "ERROR" and record["message"] == "build crashed"
     assert record["exception"].startswith("Traceback (most recent call last):")
     assert "KeyError: 'missing'" in record["exception"]
 
 
-def test_context_fields_are_scoped_and_per_thread(captured):
+def test_context_fields_are_scoped_and_per_thread(json_logs):
     log = logging.getLogger("x")
     with logs.fields(build="builds/b-1", candidate="gguf-q4_0"):
         log.info("inside")
@@ -68,14 +55,14 @@ def test_context_fields_are_scoped_and_per_thread(captured):
         thread.start()
         thread.join()
     log.info("outside")
-    inside, nested, other, outside = lines(captured)
+    inside, nested, other, outside = lines(json_logs)
     assert (inside["build"], inside["candidate"]) == ("builds/b-1", "gguf-q4_0")
     assert nested["device"] == "devices/pixel-8" and "candidate" not in nested and nested["build"] == "builds/b-1"
     assert "build" not in other and seen == [{}]                    # a new thread starts with no fields
     assert "build" not in outside and logs.current() == {}
 
 
-def test_secrets_are_redacted_from_messages_extras_and_tracebacks(captured):
+def test_secrets_are_redacted_from_messages_extras_and_tracebacks(json_logs):
     secret = "ef_" + "Zk3_q-" * 7
     log = logging.getLogger("x")
     log.warning("token %s refused; header was 'Bearer %s'", secret, secret, extra={"header": f"Bearer {secret}"})
@@ -83,9 +70,9 @@ def test_secrets_are_redacted_from_messages_extras_and_tracebacks(captured):
         raise ValueError(f"bad {secret}")
     except ValueError:
         log.exception("failed")
-    text = captured.getvalue()
+    text = json_logs.getvalue()
     assert secret not in text and secret[3:] not in text
-    warning, failed = lines(captured)
+    warning, failed = lines(json_logs)
     assert "ef_<redacted>" in warning["message"] and "Bearer <redacted>" in warning["message"]
     assert warning["header"] == "Bearer <redacted>" and "ef_<redacted>" in failed["exception"]
     assert logs.redact("token id abcdefgh, ef_short") == "token id abcdefgh, ef_short"   # ids are not secrets
@@ -111,14 +98,14 @@ def test_text_format_is_one_readable_line_with_the_context():
     assert line.endswith("[rpc=/edgeforge.v1.Calibrator/Calibrate]")
 
 
-def test_configure_replaces_its_handler_and_logs_warnings_as_json(captured):
-    logs.configure("json", "info", service="agent", stream=captured)   # again: still one handler
+def test_configure_replaces_its_handler_and_logs_warnings_as_json(json_logs):
+    logs.configure("json", "info", service="agent", stream=json_logs)   # again: still one handler
     assert len(logging.getLogger().handlers) == 1
     logging.getLogger("x").debug("not at info")
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.warn("an old option", UserWarning)
-    (record,) = lines(captured)
+    (record,) = lines(json_logs)
     assert record["logger"] == "py.warnings" and "an old option" in record["message"]
     assert record["service"] == "agent"
 

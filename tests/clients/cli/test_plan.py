@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import agent, coordinator   # noqa: F401  (pytest fixtures, used by name)
-
 ROOT = Path(__file__).resolve().parents[3]
 
 
