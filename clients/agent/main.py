@@ -339,7 +339,8 @@ class Agent:
             worker.start()
 
     def local_worker(self) -> DeviceWorker:
-        attributes, unavailable = profile.detect(self.config.labels, self.config.runtimes)
+        with self.exclusive(threading.Event()):      # the bandwidth/sgemm probe, like a measurement, runs alone
+            attributes, unavailable = profile.detect(self.config.labels, self.config.runtimes)
         attributes["agent"] = __version__
         timeout = self.config.measure_timeout_s
         return DeviceWorker(self, self.host_id, attributes, unavailable,

@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
+
 from clients.cli import progress, tables
 from clients.python import spec as spec_file
 from clients.python.client import Client, build_name
@@ -46,6 +48,9 @@ def start_edgeforge(data_dir: Path, log_path: Path) -> tuple[subprocess.Popen, s
     return process, match.group(1)
 
 
+AGENT_TOKEN_NAME = "demo agents"
+
+
 def create_token(address: str, data_dir: Path, role: str, name: str) -> str:
     """A new token over RPC, authenticated by the admin token `edgeforge up` wrote into its data dir."""
     return subprocess.run([sys.executable, "-m", "clients.cli.main", "--address", address, "--token-file",
@@ -53,11 +58,41 @@ def create_token(address: str, data_dir: Path, role: str, name: str) -> str:
                           capture_output=True, text=True, check=True).stdout.strip()
 
 
+def live_agent_token(address: str, token_file: Path) -> str:
+    """The name ("tokens/…") of the live agent token in `token_file`, or "" when there is none."""
+    if not token_file.is_file():
+        return ""
+    from edgeforge.v1 import tokens_pb2
+    client = Client(address, token=token_file.read_text().strip())
+    try:
+        token = client.whoami()
+        return token.name if token.role == tokens_pb2.TOKEN_ROLE_AGENT else ""
+    except grpc.RpcError as error:
+        if error.code() != grpc.StatusCode.UNAUTHENTICATED:
+            raise
+        return ""
+    finally:
+        client.close()
+
+
 def start_agents(address: str, data_dir: Path, out: Path) -> list[subprocess.Popen]:
     token_file = out / "agents" / "agent.token"          # in a file (0600), not on command lines where ps shows it
     token_file.parent.mkdir(parents=True, exist_ok=True)
-    from shared.auth import write_secret
-    write_secret(token_file, create_token(address, data_dir, "agent", "demo agents"))
+    # A rerun keeps its agent token: the devices a previous run registered belong to it, and the coordinator
+    # refuses another agent token for a device id whose owner is still live. Demo agent tokens whose file is
+    # gone are revoked, so their devices can be registered again.
+    kept = live_agent_token(address, token_file)
+    if not kept:
+        from shared.auth import write_secret
+        write_secret(token_file, create_token(address, data_dir, "agent", AGENT_TOKEN_NAME))
+        kept = live_agent_token(address, token_file)
+    admin = Client(address, token=(data_dir / "admin.token").read_text().strip())
+    try:
+        for token in admin.list_tokens():
+            if token.display_name == AGENT_TOKEN_NAME and not token.HasField("revoke_time") and token.name != kept:
+                admin.revoke_token(token.name)
+    finally:
+        admin.close()
     cpus = len(os.sched_getaffinity(0))
     pin = shutil.which("taskset") is not None and cpus >= 2
     if not pin:
@@ -92,9 +127,11 @@ def main() -> None:
     client = Client(address, token=create_token(address, data_dir, "builder", "demo builder"))
     try:
         deadline = time.monotonic() + 90
-        while len(client.list_devices()) < len(DEVICES) and time.monotonic() < deadline:
+        online = []        # a rerun's database still lists the last run's devices, offline until their agents return
+        while len(online) < len(DEVICES) and time.monotonic() < deadline:
             time.sleep(0.5)
-        for device in client.list_devices():
+            online = [d for d in client.list_devices() if d.state == coordinator_pb2.DEVICE_STATE_ONLINE]
+        for device in online:
             a = device.attributes
             runtimes = ", ".join(f"{k.removeprefix('runtime:')} {v}" for k, v in sorted(a.items())
                                  if k.startswith("runtime:"))
