@@ -151,3 +151,14 @@ def json_logs():
     logging.captureWarnings(False)
     root.handlers[:] = saved
     root.setLevel(level)
+
+
+@pytest.fixture(autouse=True)
+def _log_context():
+    """Each test starts and ends with the log context fields it found (shared/logs.py). In the services a
+    call binds its device or build in a context the RPC interceptor or the build's own thread restores;
+    a test calling the scheduler directly would otherwise leave "device" on every later test's log lines."""
+    from shared import logs
+    saved = logs.current()
+    yield
+    logs.restore(saved)

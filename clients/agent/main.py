@@ -272,6 +272,7 @@ class Agent:
         self.stub = agent_pb2_grpc.AgentGatewayStub(channel)
         self.cache = ArtifactCache(config.cache_dir / "artifacts", config.cache_max_bytes)
         self.stopping = threading.Event()
+        self._stop_lock, self._stopped = threading.Lock(), False
         self.workers: dict[str, DeviceWorker] = {}
         self.host_id = config.device_id or stable_id(config.cache_dir)
 
@@ -298,8 +299,14 @@ class Agent:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def stop(self) -> None:
-        """Stops every loop now: closing the channel ends pending LeaseJob long-polls at once."""
+        """Stops every loop now: closing the channel ends pending LeaseJob long-polls at once. Idempotent.
+        Not for signal handlers (a second signal would run it nested inside the first): they set `stopping`
+        and run_forever calls this from the main thread."""
         self.stopping.set()
+        with self._stop_lock:
+            if self._stopped:
+                return
+            self._stopped = True
         for worker in list(self.workers.values()):
             worker.stop()
         self._channel.close()
@@ -352,7 +359,11 @@ class Agent:
             self.add(self.local_worker())
         if "adb" in self.config.drivers:
             threading.Thread(target=self._watch_phones, name="adb", daemon=True).start()
-        self.stopping.wait()
+        while not self.stopping.is_set():
+            # Timed: Event.wait() in the main thread can miss a set() made by a signal handler that ran inside
+            # it when two signals arrive together (SIGTERM + SIGINT from a supervisor), and never return.
+            self.stopping.wait(0.5)
+        self.stop()
 
     def _watch_phones(self) -> None:
         """Registers each phone adb reports, one device per serial; stops driving phones that vanish."""
@@ -406,8 +417,8 @@ def main(argv: list[str] | None = None) -> None:
         log.warning("no token given (--token-file, --token or $EDGEFORGE_AGENT_TOKEN): a coordinator that checks "
                     "tokens will refuse this agent")
     agent = Agent(config)
-    signal.signal(signal.SIGTERM, lambda *_: agent.stop())
-    signal.signal(signal.SIGINT, lambda *_: agent.stop())
+    signal.signal(signal.SIGTERM, lambda *_: agent.stopping.set())      # run_forever then stops everything
+    signal.signal(signal.SIGINT, lambda *_: agent.stopping.set())
     agent.run_forever()
 
 

@@ -200,10 +200,16 @@ def cmd_up(args) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    stop.wait()
+    while not stop.is_set():      # timed: a wait() can miss a set() from a signal handler when two signals coincide
+        stop.wait(0.5)
     if agent is not None:
         agent.terminate()
-        agent.wait(timeout=30)
+        try:
+            agent.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            logging.error("the local agent (pid %d) did not stop within 30 s of SIGTERM; killing it", agent.pid)
+            agent.kill()
+            agent.wait()
     server.stop(5).wait()
     if ctx.metrics_endpoint is not None:
         ctx.metrics_endpoint.stop()

@@ -94,7 +94,12 @@ class BuildRunner:
 
     # ------------------------------------------------------------------ the build
     def run(self) -> None:
-        logs.bind(build=self.build.name)           # this thread runs only this build
+        # The build's log lines name it (and, through step(), the candidate), until run returns: fields bound
+        # here are restored then, so a caller's thread (a test calling run() directly) keeps its own.
+        with logs.fields(build=self.build.name, candidate=None):
+            self._run_recorded()
+
+    def _run_recorded(self) -> None:
         try:
             self._run()
             self.build.state = coordinator_pb2.BUILD_STATE_SUCCEEDED
