@@ -16,8 +16,9 @@ setup: system-deps $(VENV)/.deps gen.stamp $(ASSETS)/.done
 
 # Debian packages: adb (the agent drives attached Android phones through the real adb),
 # dataset-fashion-mnist (the labelled images the CNN is trained and evaluated on) and chromium
-# (tests/integration/test_report_browser.py renders report.html headless and screenshots it).
-SYSTEM_PACKAGES := adb dataset-fashion-mnist chromium
+# (tests/integration/test_report_browser.py renders report.html headless and screenshots it) and postgresql
+# (the PostgreSQL metadata backend: tests start a throwaway server of their own, tests/backends/postgres.py).
+SYSTEM_PACKAGES := adb dataset-fashion-mnist chromium postgresql
 APT := $(if $(filter 0,$(shell id -u)),,sudo) apt-get
 system-deps:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
