@@ -6,21 +6,24 @@ import collections
 import math
 import os
 import platform
-import sqlite3
 import subprocess
 from pathlib import Path
+
+from shared.store.database import open_database
 
 
 # ---------------------------------------------------------------------- checks and numbers
 def check_jobs(db_path: Path, builds: list[dict], records: list[dict], candidates: int) -> dict:
     """No job lost, none run twice: the coordinator's database and the agents' own calls, job by job."""
     ids = [b["name"].removeprefix("builds/") for b in builds if b["name"]]
-    with sqlite3.connect(db_path) as conn:
-        conn.row_factory = sqlite3.Row
-        jobs = {r["id"]: dict(r) for r in conn.execute(
+    db = open_database(db_path)            # the coordinator's --database: a SQLite path or a postgresql:// URL
+    try:
+        jobs = {r["id"]: dict(r) for r in db.query(
             f"SELECT id, build_id, candidate_id, target, state, attempts, create_time FROM jobs "
             f"WHERE build_id IN ({','.join('?' * len(ids))})", ids)}
-        leases = [dict(r) for r in conn.execute("SELECT id, job_id, device_id, state FROM leases")]
+        leases = [dict(r) for r in db.query("SELECT id, job_id, device_id, state FROM leases")]
+    finally:
+        db.close()
     by_key = {(f"builds/{j['build_id']}", j["candidate_id"], j["target"]): job_id for job_id, j in jobs.items()}
     lease_job = {f"leases/{lease['id']}": lease["job_id"] for lease in leases}
     failures = []

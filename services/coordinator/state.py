@@ -1,6 +1,7 @@
-"""The coordinator's durable state in SQLite: builds (with their operation), memoised stage results,
-devices, and benchmark jobs with their leases. Protos are stored as serialized bytes; every
-change is one transaction, so a crash leaves either the old or the new state.
+"""The coordinator's durable state in the metadata database (SQLite or PostgreSQL, shared/store/database.py):
+builds (with their operation), memoised stage results, devices, and benchmark jobs with their leases.
+Protos are stored as serialized bytes; every change is one transaction, so a crash leaves either the old or
+the new state.
 
 Crash recovery: a build counts its runs (`begin_run`; run 2 and later are resumes after a restart), and
 `stage_runs` records, per run, every stage it ran or reused from the memo. A stage's memo entry and its
@@ -26,7 +27,8 @@ SCHEMA = [
     """CREATE TABLE IF NOT EXISTS memo (key TEXT PRIMARY KEY, value BLOB NOT NULL, create_time REAL NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS stage_runs (
         build_id TEXT NOT NULL, run INTEGER NOT NULL, stage TEXT NOT NULL, key TEXT NOT NULL,
-        reused INTEGER NOT NULL, create_time REAL NOT NULL)""",
+        reused INTEGER NOT NULL, create_time REAL NOT NULL, coordinator TEXT NOT NULL DEFAULT '',
+        seq INTEGER NOT NULL DEFAULT 0)""",
     "CREATE INDEX IF NOT EXISTS stage_runs_by_build ON stage_runs(build_id, run)",
     """CREATE TABLE IF NOT EXISTS devices (id TEXT PRIMARY KEY, device BLOB NOT NULL, last_heartbeat REAL NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS jobs (
@@ -45,7 +47,12 @@ QUEUED, LEASED, SUCCEEDED, FAILED, CANCELLED = "QUEUED", "LEASED", "SUCCEEDED", 
 # Columns added after the first release, for databases created before them: (table, column, declaration).
 ADDED_COLUMNS = [("builds", "runs", "INTEGER NOT NULL DEFAULT 0"), ("builds", "state", "INTEGER NOT NULL DEFAULT 0"),
                  ("jobs", "target", "TEXT NOT NULL DEFAULT ''"), ("jobs", "selector", "TEXT NOT NULL DEFAULT ''"),
-                 ("jobs", "priority", "INTEGER NOT NULL DEFAULT 0"), ("jobs", "measured_by", "TEXT")]
+                 ("jobs", "priority", "INTEGER NOT NULL DEFAULT 0"), ("jobs", "measured_by", "TEXT"),
+                 ("stage_runs", "coordinator", "TEXT NOT NULL DEFAULT ''"),
+                 ("stage_runs", "seq", "INTEGER NOT NULL DEFAULT 0")]
+# A build's stage_runs in the order they were recorded: one more than the build's last (every insert is in
+# an exclusive transaction, so two never take the same number).
+NEXT_SEQ = "(SELECT COALESCE(MAX(seq), 0) + 1 FROM stage_runs WHERE build_id = ?)"
 
 
 def digest(value: Any) -> str:
@@ -57,9 +64,13 @@ class CoordinatorState:
         self.db = db
         with db.transaction() as conn:          # older databases first get the columns added since
             for table, column, declaration in ADDED_COLUMNS:
-                known = {row["name"] for row in conn.execute(f"PRAGMA table_info({table})")}
+                known = db.columns(table)
                 if known and column not in known:
                     conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+                    if (table, column) == ("stage_runs", "seq"):
+                        # Only SQLite databases predate seq: their rows keep the order SQLite kept for them
+                        # (rowid, which grew with every insert).
+                        conn.execute("UPDATE stage_runs SET seq = rowid")
         db.migrate(SCHEMA)
         with db.transaction() as conn:          # builds.state mirrors Build.state (metrics count it in SQL)
             for row in conn.execute("SELECT id, build FROM builds WHERE state = 0").fetchall():
@@ -132,29 +143,37 @@ class CoordinatorState:
         rows = self.db.query("SELECT value FROM memo WHERE key = ?", (key,))
         return rows[0]["value"] if rows else None
 
-    def memo_put(self, key: str, value: bytes, *, build_id: str = "", run: int = 0, stage: str = "") -> None:
-        """Memoises a stage's result; with `build_id`, records in the same transaction that its run ran it."""
+    def memo_put(self, key: str, value: bytes, *, build_id: str = "", run: int = 0, stage: str = "",
+                 coordinator: str = "") -> None:
+        """Memoises a stage's result; with `build_id`, records in the same transaction that its run ran it
+        (on `coordinator`, the id of the coordinator that ran it)."""
         with self.db.transaction() as conn:
-            conn.execute("INSERT OR REPLACE INTO memo VALUES (?, ?, ?)", (key, value, time.time()))
+            conn.execute("INSERT INTO memo (key, value, create_time) VALUES (?, ?, ?) ON CONFLICT (key) DO UPDATE "
+                         "SET value = excluded.value, create_time = excluded.create_time", (key, value, time.time()))
             if build_id:
-                conn.execute("INSERT INTO stage_runs VALUES (?, ?, ?, ?, 0, ?)",
-                             (build_id, run, stage, key, time.time()))
+                conn.execute("INSERT INTO stage_runs (build_id, run, stage, key, reused, create_time, coordinator, "
+                             f"seq) VALUES (?, ?, ?, ?, 0, ?, ?, {NEXT_SEQ})",
+                             (build_id, run, stage, key, time.time(), coordinator, build_id))
 
-    def record_reuse(self, build_id: str, run: int, stage: str, key: str) -> None:
-        """Records that the build's run took `stage`'s result from the memo instead of running it."""
+    def record_reuse(self, build_id: str, run: int, stage: str, key: str, *, coordinator: str = "") -> None:
+        """Records that the build's run (on `coordinator`) took `stage`'s result from the memo instead of
+        running it."""
         with self.db.transaction() as conn:
-            conn.execute("INSERT INTO stage_runs VALUES (?, ?, ?, ?, 1, ?)", (build_id, run, stage, key, time.time()))
+            conn.execute("INSERT INTO stage_runs (build_id, run, stage, key, reused, create_time, coordinator, seq) "
+                         f"VALUES (?, ?, ?, ?, 1, ?, ?, {NEXT_SEQ})",
+                         (build_id, run, stage, key, time.time(), coordinator, build_id))
 
     def stage_runs(self, build_id: str) -> list[dict]:
-        """Every stage the build ran or reused, in order: {run, stage, key, reused, create_time}."""
-        rows = self.db.query("SELECT run, stage, key, reused, create_time FROM stage_runs WHERE build_id = ? "
-                             "ORDER BY rowid", (build_id,))
+        """Every stage the build ran or reused, in order: {run, stage, key, reused, create_time, coordinator}."""
+        rows = self.db.query("SELECT run, stage, key, reused, create_time, coordinator FROM stage_runs "
+                             "WHERE build_id = ? ORDER BY seq", (build_id,))
         return [dict(r) | {"reused": bool(r["reused"])} for r in rows]
 
     # ------------------------------------------------------------------ devices
     def upsert_device(self, device: coordinator_pb2.Device, now: float) -> None:
         with self.db.transaction() as conn:
-            conn.execute("INSERT OR REPLACE INTO devices VALUES (?, ?, ?)",
+            conn.execute("INSERT INTO devices (id, device, last_heartbeat) VALUES (?, ?, ?) ON CONFLICT (id) DO "
+                         "UPDATE SET device = excluded.device, last_heartbeat = excluded.last_heartbeat",
                          (device.name.removeprefix("devices/"), device.SerializeToString(), now))
 
     def touch_device(self, device_id: str, now: float) -> None:

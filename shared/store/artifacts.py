@@ -1,7 +1,8 @@
 """The artifact store: immutable content-addressed blobs plus metadata, lineage and uploads.
 
 Invariants
-- A metadata row exists only for a blob that is durable on disk (row inserted after rename+fsync).
+- A metadata row exists only for a blob that is durable in its blob store (row inserted after rename+fsync,
+  or, on S3, after the object's PUT or multipart upload completed: see shared/store/s3.py).
 - An upload's bytes live in `uploads/<id>.part` until the last byte arrives and the digest matches;
   only then does the artifact appear. A wrong digest discards the upload and stores nothing.
 - `derivations` memoise work: a key (stage + input digests + config) maps to the artifact it made.
@@ -50,9 +51,12 @@ SCHEMA = [
 
 
 class ArtifactStore:
-    def __init__(self, db: Database, root: Path, *, max_upload_bytes: int = MAX_UPLOAD_BYTES_DEFAULT):
+    def __init__(self, db: Database, root: Path, blobs: BlobStore | None = None, *,
+                 max_upload_bytes: int = MAX_UPLOAD_BYTES_DEFAULT):
+        """`blobs`: where blob bytes live (a local BlobStore or an S3BlobStore, see `open_blobs`); None is
+        the local directory root/blobs."""
         self.db = db
-        self.blobs = BlobStore(root / "blobs")
+        self.blobs = BlobStore(root / "blobs") if blobs is None else blobs
         self.uploads_dir = root / "uploads"
         self.uploads_dir.mkdir(parents=True, exist_ok=True)
         self.max_upload_bytes = max_upload_bytes
@@ -115,7 +119,8 @@ class ArtifactStore:
 
     def record_derived(self, key: str, sha256: str) -> None:
         with self.db.transaction() as conn:
-            conn.execute("INSERT OR REPLACE INTO derivations(key, sha256, create_time) VALUES (?, ?, ?)",
+            conn.execute("INSERT INTO derivations (key, sha256, create_time) VALUES (?, ?, ?) ON CONFLICT (key) "
+                         "DO UPDATE SET sha256 = excluded.sha256, create_time = excluded.create_time",
                          (key, sha256, time.time()))
 
     # ------------------------------------------------------------------ uploads
@@ -245,7 +250,7 @@ class ArtifactStore:
                 self._restart_upload(upload_id)     # wrong bytes, or no room to keep them: start over from zero
                 raise
         elif self.blobs.exists(upload.sha256):      # the blob was committed, then the row could not be written
-            sha, size = upload.sha256, self.blobs.path(upload.sha256).stat().st_size
+            sha, size = upload.sha256, self.blobs.size(upload.sha256)
         else:
             self._restart_upload(upload_id)
             raise OutOfRange(f"upload {upload.name} lost its bytes (its part file is gone); resume from 0",
@@ -262,7 +267,7 @@ class ArtifactStore:
     def _insert(self, record: ArtifactRecord) -> ArtifactRecord:
         with self.db.transaction() as conn:
             conn.execute(
-                "INSERT OR IGNORE INTO artifacts VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO artifacts VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (sha256) DO NOTHING",
                 (record.sha256, record.kind.value, record.size_bytes, record.media_type, record.display_name,
                  record.create_time, _lineage_json(record.lineage), json.dumps(record.labels, sort_keys=True)))
         return self.get(record.sha256)

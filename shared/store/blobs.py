@@ -1,4 +1,5 @@
-"""Content-addressed blobs on a local filesystem.
+"""Content-addressed blobs on a local filesystem (`BlobStore`), and `open_blobs`, which also opens the
+S3-compatible store (shared/store/s3.py) behind the same interface.
 
 Layout under `root`: `sha256/ab/<64 hex>` for blobs, `tmp/` for writes in progress. A blob
 becomes visible only by `rename` after its bytes are fsynced, so a reader never sees half a file.
@@ -11,6 +12,7 @@ the bytes; the temp file is removed, so nothing partial is ever visible.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import os
@@ -105,6 +107,15 @@ def temp_owner_alive(name: str) -> bool | None:
     return True
 
 
+@dataclasses.dataclass(frozen=True)
+class StoredBlob:
+    """One entry found where blobs are stored: `sha256` is None when it is not a blob where blobs belong."""
+    location: str        # s3://bucket/key, or a local path
+    sha256: str | None
+    size_bytes: int
+    modified_time: float  # seconds since the epoch
+
+
 class BlobStore:
     def __init__(self, root: Path):
         self.root = root
@@ -115,11 +126,21 @@ class BlobStore:
         self._lock = threading.Lock()
 
     def path(self, sha256: str) -> Path:
+        return self._local_path(sha256)
+
+    def _local_path(self, sha256: str) -> Path:
         check_sha256(sha256)
         return self.root / "sha256" / sha256[:2] / sha256
 
     def exists(self, sha256: str) -> bool:
         return self.path(sha256).is_file()
+
+    def size(self, sha256: str) -> int | None:
+        """The stored blob's size in bytes, or None when it is not stored."""
+        try:
+            return self._local_path(sha256).stat().st_size
+        except FileNotFoundError:
+            return None
 
     def temp_file(self, suffix: str = "") -> tuple[BinaryIO, Path]:
         fd, name = tempfile.mkstemp(dir=self.tmp, prefix=f"{os.getpid()}@{_HOST}.", suffix=suffix)
@@ -160,7 +181,6 @@ class BlobStore:
         If `expected_sha256` is given and differs, the temp file is deleted and DIGEST_MISMATCH raised.
         A full disk is ResourceExhausted (STORAGE_FULL); the temp file is deleted either way.
         """
-        size = None
         try:
             size = temp_path.stat().st_size
             sha = sha256_file(temp_path)
@@ -168,20 +188,29 @@ class BlobStore:
                 raise InvalidArgument(
                     f"content sha256 is {sha}, but {expected_sha256} was declared",
                     reason="DIGEST_MISMATCH", field="sha256")
-            with disk_full_is_resource_exhausted(temp_path, size):
-                fsync_file(temp_path)
-                final = self.path(sha)
-                final.parent.mkdir(parents=True, exist_ok=True)
-                if final.exists():
-                    temp_path.unlink()
-                else:
-                    os.chmod(temp_path, 0o444)
-                    os.replace(temp_path, final)
-                    fsync_dir(final.parent)
+            self._publish(temp_path, sha, size)
             return sha, size
         except BaseException:
             temp_path.unlink(missing_ok=True)
             raise
+
+    def _publish(self, temp_path: Path, sha256: str, size: int) -> None:
+        """Makes the hashed temp file the blob `sha256` (here: the local file; S3BlobStore uploads first)."""
+        self._install(temp_path, sha256, size)
+
+    def _install(self, temp_path: Path, sha256: str, size: int) -> Path:
+        """fsyncs the temp file and renames it to the blob's local path (a no-op when that exists)."""
+        final = self._local_path(sha256)
+        with disk_full_is_resource_exhausted(temp_path, size):
+            fsync_file(temp_path)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if final.exists():
+                temp_path.unlink()
+            else:
+                os.chmod(temp_path, 0o444)
+                os.replace(temp_path, final)
+                fsync_dir(final.parent)
+        return final
 
     def ingest(self, source: Path, *, move: bool = False) -> tuple[str, int]:
         """Copies (or moves, when on the same filesystem) a finished file into the store."""
@@ -207,7 +236,7 @@ class BlobStore:
 
         The check is remembered per (inode, size, mtime) so a hot blob is hashed once per process.
         """
-        path = self.path(sha256)
+        path = self._local_path(sha256)
         stat = path.stat()
         key = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
         with self._lock:
@@ -219,3 +248,60 @@ class BlobStore:
         with self._lock:
             self._verified[sha256] = key
         return path
+
+    # ------------------------------------------------------------------ what `edgeforge store check` reads
+    def location(self, sha256: str) -> str:
+        return str(self._local_path(sha256))
+
+    def hash_stored(self, sha256: str) -> str:
+        """The sha256 of the blob's bytes as stored (not memoised)."""
+        return sha256_file(self._local_path(sha256))
+
+    def list_blobs(self) -> Iterator[StoredBlob]:
+        """Every entry under sha256/, in name order; ones that are not blobs where they belong have sha256 None."""
+        for shard in sorted((self.root / "sha256").iterdir()):
+            for entry in sorted(shard.iterdir()) if shard.is_dir() else [shard]:
+                name = entry.name
+                good = (entry.is_file() and not entry.is_symlink() and len(name) == 64 and shard.is_dir()
+                        and shard.name == name[:2] and set(name) <= _HEX)
+                stat = entry.lstat()
+                yield StoredBlob(str(entry), name if good else None, stat.st_size, stat.st_ctime)
+
+    def delete(self, location: str) -> None:
+        """Removes the entry at `location` (a path `list_blobs` gave)."""
+        path = Path(location)
+        if self.root / "sha256" not in path.parents:
+            raise InvalidArgument(f"{location} is not under {self.root / 'sha256'}", field="location")
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+    def unfinished_uploads(self) -> Iterator[StoredBlob]:
+        """Writes begun and never finished nor cleaned up; none here (a local write in progress is a temp
+        entry, see `stale_temp`). S3BlobStore lists its abandoned multipart uploads."""
+        return iter(())
+
+    def _remember_verified(self, sha256: str, path: Path) -> None:
+        """Records that `path` (just hashed by the caller) holds the bytes of `sha256`."""
+        stat = path.stat()
+        with self._lock:
+            self._verified[sha256] = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+def open_blobs(target: str | Path, local_root: Path, *, create_bucket: bool = False) -> BlobStore:
+    """The blob store `target` names: a directory (e.g. `<data-dir>/blobs`) is a local BlobStore;
+    `s3://bucket[/prefix]?endpoint_url=http://host:port&region=us-east-1` is an S3BlobStore whose
+    verified cache and temp files live under `local_root` (credentials: the standard AWS environment
+    variables or boto3's chain). `create_bucket` makes a missing bucket instead of refusing it (tests)."""
+    text = str(target)
+    scheme = text.split("://", 1)[0].lower() if "://" in text else ""
+    if scheme == "s3":
+        from shared.store.s3 import S3BlobStore           # boto3 is imported only by those who use S3
+        return S3BlobStore.from_url(text, local_root, create_bucket=create_bucket)
+    if scheme == "file":
+        return BlobStore(Path(text[len("file://"):]))
+    if scheme:
+        raise InvalidArgument(f"blobs {text!r}: unknown scheme {scheme}://; give a directory or "
+                              "s3://bucket[/prefix]?endpoint_url=...", field="blobs")
+    return BlobStore(Path(text))

@@ -42,16 +42,20 @@ class Grants:
     # ------------------------------------------------------------------ builds
     def own_build(self, build_id: str, token_id: str) -> None:
         with self.db.transaction() as conn:
-            conn.execute("INSERT OR IGNORE INTO build_owners VALUES (?, ?, ?, 0)", (build_id, token_id, time.time()))
+            conn.execute("INSERT INTO build_owners VALUES (?, ?, ?, 0) ON CONFLICT (build_id) DO NOTHING",
+                         (build_id, token_id, time.time()))
 
     def build_owner(self, build_id: str) -> str | None:
         rows = self.db.query("SELECT token_id FROM build_owners WHERE build_id = ?", (build_id,))
         return rows[0]["token_id"] if rows else None
 
-    def owned_builds(self, token_id: str, limit: int = -1, offset: int = 0) -> list[str]:
-        """The token's build ids, newest first (the order of CoordinatorState.list_builds)."""
-        rows = self.db.query("SELECT build_id FROM build_owners WHERE token_id = ? ORDER BY create_time DESC, "
-                             "build_id LIMIT ? OFFSET ?", (token_id, limit, offset))
+    def owned_builds(self, token_id: str, limit: int | None = None, offset: int = 0) -> list[str]:
+        """The token's build ids, newest first (the order of CoordinatorState.list_builds); all with no limit."""
+        newest_first = "SELECT build_id FROM build_owners WHERE token_id = ? ORDER BY create_time DESC, build_id"
+        if limit is None:               # SQLite has no OFFSET without LIMIT, PostgreSQL no negative LIMIT
+            rows = self.db.query(newest_first, (token_id,))[offset:]
+        else:
+            rows = self.db.query(newest_first + " LIMIT ? OFFSET ?", (token_id, limit, offset))
         return [r["build_id"] for r in rows]
 
     def unsynced_builds(self, token_id: str) -> list[str]:
@@ -66,7 +70,7 @@ class Grants:
     # ------------------------------------------------------------------ artifacts
     def grant(self, token_id: str, sha256s: Iterable[str], source: str) -> None:
         with self.db.transaction() as conn:
-            conn.executemany("INSERT OR IGNORE INTO artifact_grants VALUES (?, ?, ?)",
+            conn.executemany("INSERT INTO artifact_grants VALUES (?, ?, ?) ON CONFLICT (sha256, token_id) DO NOTHING",
                              [(sha, token_id, source) for sha in set(sha256s)])
 
     def may_read(self, token_id: str, sha256: str) -> bool:
@@ -80,7 +84,8 @@ class Grants:
     # ------------------------------------------------------------------ uploads
     def own_upload(self, upload_id: str, token_id: str) -> None:
         with self.db.transaction() as conn:
-            conn.execute("INSERT OR IGNORE INTO upload_owners VALUES (?, ?)", (upload_id, token_id))
+            conn.execute("INSERT INTO upload_owners VALUES (?, ?) ON CONFLICT (upload_id) DO NOTHING",
+                         (upload_id, token_id))
 
     def upload_owner(self, upload_id: str) -> str | None:
         rows = self.db.query("SELECT token_id FROM upload_owners WHERE upload_id = ?", (upload_id,))
@@ -93,4 +98,5 @@ class Grants:
 
     def bind_device(self, device_id: str, token_id: str) -> None:
         with self.db.transaction() as conn:
-            conn.execute("INSERT OR REPLACE INTO device_owners VALUES (?, ?)", (device_id, token_id))
+            conn.execute("INSERT INTO device_owners VALUES (?, ?) ON CONFLICT (device_id) DO UPDATE "
+                         "SET token_id = excluded.token_id", (device_id, token_id))

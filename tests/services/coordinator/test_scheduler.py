@@ -1,9 +1,9 @@
-"""Scheduler: benchmark jobs and leases on a real SQLite database (CoordinatorState underneath)."""
+"""Scheduler: benchmark jobs and leases on each metadata backend, a real SQLite file and a real PostgreSQL
+database (CoordinatorState underneath)."""
 from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from google.rpc import status_pb2
@@ -12,19 +12,16 @@ from edgeforge.v1 import agent_pb2, common_pb2, coordinator_pb2
 from services.coordinator.scheduler import Scheduler
 from services.coordinator.state import CANCELLED, FAILED, LEASED, QUEUED, SUCCEEDED, CoordinatorState
 from shared.errors import FailedPrecondition, NotFound
-from shared.store.database import Database
 
 SHA = "ab" * 32
 
 
 @pytest.fixture
-def state(tmp_path: Path):
-    db = Database(tmp_path / "coordinator.db")
-    state = CoordinatorState(db)
+def state(database):
+    state = CoordinatorState(database)
     for device in ("d1", "d2"):
         state.upsert_device(coordinator_pb2.Device(name=f"devices/{device}"), time.time())
-    yield state
-    db.close()
+    return state
 
 
 @pytest.fixture

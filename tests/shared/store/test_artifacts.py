@@ -1,11 +1,12 @@
-"""ArtifactStore on a real SQLite file: artifacts, reads, derivations and resumable uploads.
+"""ArtifactStore on each metadata backend (a real SQLite file, a real PostgreSQL database) times each blob
+backend (a local directory, a real S3 server): artifacts, reads, derivations and resumable uploads
+(`store`, from conftest.py, runs every such test four times).
 
 Also covers the Database wrapper and the plain records it stores.
 """
 from __future__ import annotations
 
 import hashlib
-import sqlite3
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import pytest
 from shared.errors import (AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound, OutOfRange,
                            ResourceExhausted)
 from shared.store.artifacts import ArtifactStore
-from shared.store.database import Database
+from shared.store.database import Database, open_database
 from shared.store.records import ArtifactKind, Lineage, artifact_name, parse_artifact_name
 
 DATA = bytes(range(256)) * 40                     # 10240 bytes
@@ -21,15 +22,8 @@ DATA_SHA = hashlib.sha256(DATA).hexdigest()
 
 
 @pytest.fixture
-def db(tmp_path: Path):
-    database = Database(tmp_path / "state" / "edgeforge.db")
-    yield database
-    database.close()
-
-
-@pytest.fixture
-def store(db, tmp_path) -> ArtifactStore:
-    return ArtifactStore(db, tmp_path / "store", max_upload_bytes=1 << 20)
+def db(database):
+    return database
 
 
 def _file(tmp_path: Path, data: bytes = DATA, name: str = "model.gguf") -> Path:
@@ -39,10 +33,15 @@ def _file(tmp_path: Path, data: bytes = DATA, name: str = "model.gguf") -> Path:
 
 
 # ---------------------------------------------------------------- database and records
-def test_database_is_wal_and_creates_parent(db, tmp_path):
-    assert (tmp_path / "state" / "edgeforge.db").is_file()
-    assert db.query("PRAGMA journal_mode")[0][0] == "wal"
-    assert db.query("PRAGMA foreign_keys")[0][0] == 1
+def test_sqlite_database_is_wal_and_creates_parent(tmp_path):
+    db = Database(tmp_path / "state" / "edgeforge.db")
+    try:
+        assert (tmp_path / "state" / "edgeforge.db").is_file()
+        assert db.dialect == "sqlite" and db.skip_locked == ""
+        assert db.query("PRAGMA journal_mode")[0][0] == "wal"
+        assert db.query("PRAGMA foreign_keys")[0][0] == 1
+    finally:
+        db.close()
 
 
 def test_database_transaction_rolls_back_on_error(db):
@@ -51,17 +50,17 @@ def test_database_transaction_rolls_back_on_error(db):
         with db.transaction() as conn:
             conn.execute("INSERT INTO t VALUES (1)")
             raise RuntimeError("boom")
-    assert db.query("SELECT COUNT(*) FROM t")[0][0] == 0
+    assert db.query("SELECT COUNT(*) AS n FROM t")[0]["n"] == 0
     with db.transaction() as conn:
         conn.execute("INSERT INTO t VALUES (2)")
     assert [r["x"] for r in db.query("SELECT x FROM t")] == [2]
 
 
-def test_artifacts_survive_reopening_the_database(store, tmp_path):
+def test_artifacts_survive_reopening_the_database(store, tmp_path, database_url):
     record = store.put_file(_file(tmp_path), ArtifactKind.MODEL)
-    reopened = Database(tmp_path / "state" / "edgeforge.db")
+    reopened = open_database(database_url)
     try:
-        again = ArtifactStore(reopened, tmp_path / "store")     # migrate is idempotent
+        again = ArtifactStore(reopened, tmp_path / "store", store.blobs)     # migrate is idempotent
         assert again.get(record.sha256) == record
     finally:
         reopened.close()
@@ -151,11 +150,9 @@ def test_read_refuses_offsets_outside_the_artifact(store, tmp_path, offset):
     assert info.value.field == "offset"
 
 
-def test_read_detects_a_corrupted_blob(store, tmp_path):
+def test_read_detects_a_corrupted_blob(store, tmp_path, damage_blob):
     store.put_file(_file(tmp_path), ArtifactKind.MODEL)
-    blob = store.blobs.path(DATA_SHA)
-    blob.chmod(0o644)
-    blob.write_bytes(DATA[::-1])
+    damage_blob(store, DATA_SHA, DATA[::-1])
     with pytest.raises(DataLoss):
         next(store.read(DATA_SHA))
     with pytest.raises(DataLoss):
@@ -171,15 +168,15 @@ def test_derivations_memoise_by_key(store, tmp_path):
     assert store.find_derived("compress:other") is None
 
 
-def test_derivation_whose_blob_vanished_is_a_miss(store, tmp_path):
+def test_derivation_whose_blob_vanished_is_a_miss(store, tmp_path, damage_blob):
     record = store.put_file(_file(tmp_path), ArtifactKind.COMPRESSED_MODEL)
     store.record_derived("k", record.sha256)
-    store.blobs.path(record.sha256).unlink()
+    damage_blob(store, record.sha256, None)
     assert store.find_derived("k") is None
 
 
 def test_derivation_must_name_a_known_artifact(store):
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(store.db.IntegrityError):
         store.record_derived("k", "e" * 64)
     assert store.find_derived("k") is None
 

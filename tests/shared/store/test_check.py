@@ -127,3 +127,28 @@ def test_the_cli_reports_json_and_exit_status(data_dir):
     nowhere = subprocess.run(command[:-3] + ["--data-dir", str(data_dir / "nope")], cwd=ROOT, capture_output=True,
                              text=True, timeout=60)
     assert nowhere.returncode == 2 and "edgeforge.db" in nowhere.stderr
+
+
+def test_the_cli_checks_a_store_on_postgresql_and_s3(tmp_path, postgres_url, s3_url):
+    """The coordinators' shared backends (docs/DEPLOY.md): rows in PostgreSQL, blobs in an S3 bucket, checked
+    through --database/--blobs (the AWS_* credentials come from the environment, as for the coordinator)."""
+    from shared.store.blobs import open_blobs
+    from shared.store.database import open_database
+    directory = tmp_path / "data"
+    store = ArtifactStore(open_database(postgres_url), directory, open_blobs(s3_url, directory / "blob-cache"))
+    source = tmp_path / "a.bin"
+    source.write_bytes(b"edgeforge" * 500)
+    record = store.put_file(source, ArtifactKind.MODEL)
+    store.db.close()
+    command = [sys.executable, "-m", "clients.cli.main", "store", "check", "--data-dir", str(directory),
+               "--database", postgres_url, "--blobs", s3_url, "--json"]
+    clean = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120, env=dict(os.environ))
+    assert clean.returncode == 0, clean.stderr
+    document = json.loads(clean.stdout)
+    assert document["clean"] is True
+    store.blobs.delete(store.blobs.location(record.sha256))
+    broken = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120, env=dict(os.environ))
+    assert broken.returncode == 1 and json.loads(broken.stdout)["problem_counts"] == {"MISSING_BLOB": 1}
+    wrong = postgres_url.rsplit("/", 1)[0] + "/no_such_database"
+    refused = subprocess.run(command[:7] + [wrong], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "no_such_database" in refused.stderr and "Traceback" not in refused.stderr
