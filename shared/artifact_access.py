@@ -2,18 +2,24 @@
 coordinator's process (embedded default), or over gRPC with a local verified cache when it runs
 alone. The worker code is the same either way. Alone, it calls the coordinator with an admin token
 (an admin may read and write every artifact; see shared/store/grants.py for everyone else).
+
+A standalone worker may know several coordinators (replicas on one database and one blob store):
+every call goes to the current one and fails over to the next when it is unavailable
+(shared/failover.py); a download cut off mid-stream resumes at the same offset on the next one,
+and an upload cut off is started again there (the store deduplicates by digest).
 """
 from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Protocol
+from typing import Iterator, Protocol, Sequence
 
 import grpc
 
 from edgeforge.v1 import coordinator_pb2, coordinator_pb2_grpc
 from shared.artifact_convert import artifact_from_proto, kind_to_proto, lineage_to_proto
 from shared.errors import InvalidArgument
+from shared.failover import Failover, parse_addresses, transport_failure
 from shared.grpc_status import from_rpc_error
 from shared.models import bundle
 from shared.models.bundle import ModelDir
@@ -53,21 +59,25 @@ class LocalArtifacts:
 
 
 class RemoteArtifacts:
-    """Artifacts through a coordinator's ArtifactStore service, cached under cache_dir/blobs."""
+    """Artifacts through a coordinator's ArtifactStore service, cached under cache_dir/blobs. `address` is
+    one coordinator or several ("a:1,b:2" or a list), tried in order when one is unavailable."""
 
-    def __init__(self, address: str, cache_dir: Path, *, token: str | None = None, tls: ClientTls | None = None):
+    def __init__(self, address: str | Sequence[str], cache_dir: Path, *, token: str | None = None,
+                 tls: ClientTls | None = None):
         from clients.python import transfer
         self._transfer = transfer
         self.cache_dir = cache_dir
-        self._stub = coordinator_pb2_grpc.ArtifactStoreStub(channel(address, token=token, tls=tls))
+        addresses = parse_addresses(address, "coordinator")
+        self._coordinators = Failover(addresses, [coordinator_pb2_grpc.ArtifactStoreStub(
+            channel(one, token=token, tls=tls)) for one in addresses], "coordinator")
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
 
     def get(self, name: str) -> ArtifactRecord:
         parse_artifact_name(name)
+        request = coordinator_pb2.GetArtifactRequest(name=name)
         try:
-            return artifact_from_proto(self._stub.GetArtifact(coordinator_pb2.GetArtifactRequest(name=name),
-                                                              timeout=60))
+            return artifact_from_proto(self._coordinators.call(lambda stub: stub.GetArtifact(request, timeout=60)))
         except grpc.RpcError as error:
             raise from_rpc_error(error) from error
 
@@ -79,18 +89,37 @@ class RemoteArtifacts:
         with lock:
             if dest.is_file() and dest.stat().st_size == record.size_bytes:
                 return dest
-            read = lambda offset: self._stub.ReadArtifact(
-                coordinator_pb2.ReadArtifactRequest(name=name, offset=offset), timeout=3600)
             try:
-                return self._transfer.download(read, dest, record.sha256, record.size_bytes)
+                return self._transfer.download(lambda offset: self._read(name, offset), dest, record.sha256,
+                                               record.size_bytes)
             except grpc.RpcError as error:
                 raise from_rpc_error(error) from error
 
+    def _read(self, name: str, offset: int) -> Iterator[coordinator_pb2.ReadArtifactResponse]:
+        """ReadArtifact from `offset`; a stream cut off by a coordinator's death goes on from where it stopped on
+        the next coordinator, so the caller sees one uninterrupted stream."""
+        last: grpc.RpcError | None = None
+        for address, stub in self._coordinators.rotation():
+            try:
+                for message in stub.ReadArtifact(coordinator_pb2.ReadArtifactRequest(name=name, offset=offset),
+                                                 timeout=3600):
+                    yield message
+                    offset += len(message.data)
+                return
+            except grpc.RpcError as error:
+                if not transport_failure(error):
+                    raise
+                self._coordinators.failed(address, error)
+                last = error
+        assert last is not None
+        raise last
+
     def put(self, path, kind, *, display_name, media_type, lineage, labels=None) -> ArtifactRecord:
+        upload = lambda stub: self._transfer.upload_file(
+            stub, path, kind_to_proto(kind), display_name=display_name, media_type=media_type, labels=labels,
+            lineage=lineage_to_proto(lineage))
         try:
-            artifact = self._transfer.upload_file(
-                self._stub, path, kind_to_proto(kind), display_name=display_name, media_type=media_type,
-                labels=labels, lineage=lineage_to_proto(lineage))
+            artifact = self._coordinators.call(upload)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from error
         path.unlink(missing_ok=True)

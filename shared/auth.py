@@ -229,18 +229,24 @@ def _refusal(handler: grpc.RpcMethodHandler | None, error: EdgeforgeError) -> gr
 
 
 class RemoteVerifier:
-    """Verifies a secret by asking a coordinator's Tokens.WhoAmI with it, on every call (no cache)."""
+    """Verifies a secret by asking a coordinator's Tokens.WhoAmI with it, on every call (no cache). Given several
+    coordinators ({address: channel}), an unavailable one is skipped for the next (shared/failover.py)."""
 
-    def __init__(self, channel: grpc.Channel, timeout_s: float = 10.0):
+    def __init__(self, channel: grpc.Channel | dict[str, grpc.Channel], timeout_s: float = 10.0):
         from edgeforge.v1 import tokens_pb2_grpc
-        self.stub, self.timeout_s = tokens_pb2_grpc.TokensStub(channel), timeout_s
+        from shared.failover import Failover
+        channels = channel if isinstance(channel, dict) else {"coordinator": channel}
+        self.coordinators = Failover(list(channels), [tokens_pb2_grpc.TokensStub(c) for c in channels.values()],
+                                     "coordinator")
+        self.timeout_s = timeout_s
 
     def __call__(self, secret: str) -> Token:
         from edgeforge.v1 import tokens_pb2
         from shared.errors import Unavailable
+        ask = lambda stub: stub.WhoAmI(tokens_pb2.WhoAmIRequest(), metadata=(("authorization", f"Bearer {secret}"),),
+                                       timeout=self.timeout_s)
         try:
-            reply = self.stub.WhoAmI(tokens_pb2.WhoAmIRequest(), metadata=(("authorization", f"Bearer {secret}"),),
-                                     timeout=self.timeout_s)
+            reply = self.coordinators.call(ask)
         except grpc.RpcError as error:
             if error.code() == grpc.StatusCode.UNAUTHENTICATED:
                 raise Unauthenticated(f"the coordinator refused the bearer token: {error.details()}") from error

@@ -195,10 +195,13 @@ def worker_main(name: str, registration_factory: Callable) -> None:
 
     from shared.artifact_access import RemoteArtifacts
     from shared.auth import RemoteVerifier
+    from shared.failover import parse_addresses
     parser = argparse.ArgumentParser(description=f"edgeforge {name} service")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=0, help="port to bind; 0 picks a free one (default 0)")
-    parser.add_argument("--coordinator", required=True, help="coordinator address (host:port) for artifacts")
+    parser.add_argument("--coordinator", required=True,
+                        help="coordinator address (host:port) for artifacts and token checks; several, separated "
+                             "by commas, are tried in order when one is unavailable")
     parser.add_argument("--cache-dir", type=Path, default=Path(".edgeforge") / f"cache-{name}")
     parser.add_argument("--token-file", type=Path, default=os.environ.get("EDGEFORGE_TOKEN_FILE"),
                         help="file with an admin token (the coordinator's <data-dir>/admin.token), or "
@@ -221,9 +224,13 @@ def worker_main(name: str, registration_factory: Callable) -> None:
                                                 else None, args.tls_key if args.coordinator_tls_ca else None)
     except ValueError as error:
         parser.error(str(error))
-    to_coordinator = channel(args.coordinator, token=token, tls=coordinator_tls)
-    access = RemoteArtifacts(args.coordinator, args.cache_dir, token=token, tls=coordinator_tls)
-    verify = None if args.no_auth else RemoteVerifier(to_coordinator)
+    try:
+        coordinators = parse_addresses(args.coordinator, "--coordinator")
+    except ValueError as error:
+        parser.error(str(error))
+    access = RemoteArtifacts(coordinators, args.cache_dir, token=token, tls=coordinator_tls)
+    verify = None if args.no_auth else RemoteVerifier(
+        {address: channel(address, token=token, tls=coordinator_tls) for address in coordinators})
     metrics = ServerMetrics()
     endpoint = serve_metrics(parser, metrics, args.metrics_address)      # a bad address stops us before serving
     server, port = create_worker_server(f"{args.host}:{args.port}", registration_factory(access), verify, tls=tls,

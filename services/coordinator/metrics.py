@@ -9,6 +9,7 @@ when empty, so alerts see a series rather than an absence:
     edgeforge_benchmark_queue_oldest_age_seconds  how long the oldest queued job has waited (0: none queued)
     edgeforge_devices{state}                      online, offline (by heartbeat age)
     edgeforge_artifacts{kind}, edgeforge_artifact_size_bytes{kind}   the artifact store's contents
+    edgeforge_worker_replicas{role,state}         worker replicas by health: up, down, unknown (workers.py)
 
 Events are counters and a histogram, counted where they happen, since this process started:
 
@@ -29,6 +30,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from edgeforge.v1 import coordinator_pb2
 from services.coordinator.context import OFFLINE_AFTER_S
 from services.coordinator.state import CANCELLED, FAILED, LEASED, QUEUED, SUCCEEDED, CoordinatorState
+from services.coordinator.workers import ROLES, STATES, Workers
 from shared.store.records import ArtifactKind
 
 BUILD_STATES = {coordinator_pb2.BUILD_STATE_RUNNING: "running", coordinator_pb2.BUILD_STATE_SUCCEEDED: "succeeded",
@@ -54,6 +56,11 @@ class CoordinatorMetrics:
             if label != "running":
                 self.builds_finished.labels(label)
         registry.register(DatabaseCollector(state))
+        self.registry = registry
+
+    def watch_workers(self, workers: Workers) -> None:
+        """Reports `workers`' replicas by role and health state on every scrape."""
+        self.registry.register(WorkerReplicasCollector(workers))
 
     def build_finished(self, build: coordinator_pb2.Build) -> None:
         """Counts a build that just ended (called once per run that ends it)."""
@@ -92,8 +99,8 @@ class DatabaseCollector(Collector):
                                 "How long the oldest queued benchmark job has waited (0 when none is queued).",
                                 value=max(now - oldest, 0.0) if oldest is not None else 0.0)
 
-        row = self.db.query("SELECT COUNT(*) AS total, COALESCE(SUM(last_heartbeat >= ?), 0) AS online FROM devices",
-                            (now - OFFLINE_AFTER_S,))[0]
+        row = self.db.query("SELECT COUNT(*) AS total, COALESCE(SUM(CASE WHEN last_heartbeat >= ? THEN 1 ELSE 0 END), "
+                            "0) AS online FROM devices", (now - OFFLINE_AFTER_S,))[0]
         devices = GaugeMetricFamily("edgeforge_devices", "Registered devices, online when heard from in the last "
                                     f"{OFFLINE_AFTER_S:g} s.", labels=["state"])
         devices.add_metric(["online"], row["online"])
@@ -108,6 +115,24 @@ class DatabaseCollector(Collector):
         for kind in ArtifactKind:
             found = rows.get(kind.value)
             count.add_metric([kind.value.lower()], found["n"] if found else 0)
-            size.add_metric([kind.value.lower()], found["size"] if found else 0)
+            size.add_metric([kind.value.lower()], int(found["size"]) if found else 0)   # PostgreSQL: a Decimal
         yield count
         yield size
+
+
+class WorkerReplicasCollector(Collector):
+    """edgeforge_worker_replicas{role,state}: the replicas of each worker role by health, read from
+    `Workers.snapshot()` at scrape time; every role and state is present, at 0 when none."""
+
+    def __init__(self, workers: Workers):
+        self.workers = workers
+
+    def collect(self):
+        counts = {(role, state): 0 for role in ROLES for state in STATES}
+        for replica in self.workers.snapshot():
+            counts[replica.role, replica.state] += 1
+        replicas = GaugeMetricFamily("edgeforge_worker_replicas", "Worker replicas by role and health state (up, "
+                                     "down, or unknown before the first probe or call).", labels=["role", "state"])
+        for (role, state), count in counts.items():
+            replicas.add_metric([role, state], count)
+        yield replicas

@@ -3,7 +3,6 @@ counter where the scheduler lets a lease lapse, and builds counted as they finis
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 from google.rpc import status_pb2
@@ -15,17 +14,14 @@ from services.coordinator.metrics import CoordinatorMetrics
 from services.coordinator.scheduler import Scheduler
 from services.coordinator.state import CoordinatorState
 from shared.store.artifacts import ArtifactStore
-from shared.store.database import Database
 from shared.store.records import ArtifactKind
 
 SHA = "cd" * 32
 
 
 @pytest.fixture
-def db(tmp_path: Path):
-    database = Database(tmp_path / "edgeforge.db")
-    yield database
-    database.close()
+def db(database):                   # every test runs on SQLite and on PostgreSQL
+    return database
 
 
 def value(registry: CollectorRegistry, name: str, **labels) -> float | None:
