@@ -109,18 +109,22 @@ def local_agent_token(tokens, data_dir: Path) -> Path:
     return path
 
 
-def _token_store(data_dir: Path, *, create: bool = False):
-    """The coordinator's token table, written directly. `create` (tokens create --offline) may start a new
+def _token_store(args, *, create: bool = False):
+    """The coordinator's token table, written directly: `--database` (or $EDGEFORGE_DATABASE, as the coordinator
+    reads it) when given, else <data-dir>/edgeforge.db. `create` (tokens create --offline) may start a new SQLite
     database, so the first tokens exist before the first coordinator does (e.g. for its standalone workers)."""
     from shared.auth import TokenStore
-    from shared.store.database import Database
+    from shared.store.database import open_database
+    if args.database:
+        return TokenStore(open_database(args.database))
+    data_dir = args.data_dir
     if not (data_dir / "edgeforge.db").is_file():
         if not create:
-            raise UsageError(f"no coordinator database in {data_dir} (give the coordinator's --data-dir)",
-                             field="--data-dir")
+            raise UsageError(f"no coordinator database in {data_dir} (give the coordinator's --data-dir or "
+                             "--database)", field="--data-dir")
         if not _Errors.as_json:
             print(f"edgeforge: created a new coordinator database in {data_dir}", file=sys.stderr)
-    return TokenStore(Database(data_dir / "edgeforge.db"))
+    return TokenStore(open_database(data_dir / "edgeforge.db"))
 
 
 def _token_row(token_id: str, role: str, name: str, revoked: bool) -> dict:
@@ -132,7 +136,7 @@ def cmd_tokens_create(args) -> int:
     from shared.errors import EdgeforgeError
     try:
         if args.offline:
-            token, secret = _token_store(args.data_dir, create=True).create(args.role, args.name)
+            token, secret = _token_store(args, create=True).create(args.role, args.name)
             token_id = token.id
         else:
             token_id, secret = _client(args).create_token(args.role, args.name)
@@ -146,7 +150,7 @@ def cmd_tokens_create(args) -> int:
 
 def cmd_tokens_list(args) -> int:
     from shared.auth import token_from_proto
-    tokens = _token_store(args.data_dir).list() if args.offline else \
+    tokens = _token_store(args).list() if args.offline else \
         [token_from_proto(t) for t in _client(args).list_tokens()]
     rows = [_token_row(t.id, t.role, t.name, t.revoked) for t in tokens]
     print(json.dumps(rows, indent=2) if args.json else "\n".join(
@@ -158,7 +162,7 @@ def cmd_tokens_revoke(args) -> int:
     from shared.auth import token_from_proto
     from shared.errors import EdgeforgeError
     try:
-        token = _token_store(args.data_dir).revoke(args.id) if args.offline else \
+        token = _token_store(args).revoke(args.id) if args.offline else \
             token_from_proto(_client(args).revoke_token(args.id))
     except EdgeforgeError as error:
         return _fail(error.message, BAD_INPUT, reason=error.reason, field=error.field or "")
@@ -170,19 +174,24 @@ def cmd_tokens_revoke(args) -> int:
 
 def cmd_up(args) -> int:
     import logging
+    from services.coordinator.cluster import cluster_options, storage_error_message
     from services.coordinator.server import create_server
     from shared import logs, server as bootstrap
+    from shared.errors import EdgeforgeError
     logs.configure_from_args(args.up_parser, args, service="edgeforge")
     tls = bootstrap.server_tls_from_args(args.up_parser, args)
     if tls is not None and not args.no_agent:
         args.up_parser.error("with TLS, start agents yourself (--no-agent): the local agent speaks plain text")
     if args.no_auth:
         logging.warning("--no-auth: every call is accepted without a token (a closed test network only)")
+    cluster = cluster_options(args.up_parser, args)
     try:
         server, port, ctx = create_server(f"{args.host}:{args.port}", args.data_dir, auth=not args.no_auth, tls=tls,
-                                          metrics_address=args.metrics_address)
+                                          metrics_address=args.metrics_address, **cluster)
     except (ValueError, OSError) as error:
         args.up_parser.error(str(error))
+    except EdgeforgeError as error:       # a bad --database/--blobs, or a server there that refuses us
+        args.up_parser.error(storage_error_message(args, error))
     address = f"{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{port}"
     agent = None
     if not args.no_agent:
@@ -456,6 +465,8 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--agent-label", action="append", default=[], help="label for the local agent, key=value")
     from shared.server import add_observability_args
     add_observability_args(up)
+    from services.coordinator.cluster import add_cluster_args
+    add_cluster_args(up)
     up.set_defaults(run=cmd_up)
     output = [_output_options()]
     build = sub.add_parser("build", parents=output, help="submit a build spec (YAML)")
@@ -498,6 +509,9 @@ def parser() -> argparse.ArgumentParser:
         verb.add_argument("--offline", action="store_true",
                           help="write the coordinator's database directly (bootstrap; on its host, no RPC)")
         verb.add_argument("--data-dir", type=Path, default=Path(".edgeforge"), help="with --offline: its --data-dir")
+        verb.add_argument("--database", default=os.environ.get("EDGEFORGE_DATABASE"),
+                          help="with --offline: the coordinator's --database (postgresql://...; default "
+                               "<data-dir>/edgeforge.db)")
     artifacts = sub.add_parser("artifacts", help="artifacts").add_subparsers(dest="verb", required=True)
     fetch = artifacts.add_parser("get", parents=output, help="download an artifact (resumable, sha256-checked)")
     fetch.add_argument("name", help="artifacts/{sha256} or {sha256}")

@@ -56,3 +56,19 @@ def test_tokens_cli_offline_bootstrap(coordinator, tmp_path):
     assert coordinator.ctx.tokens.verify(created.stdout.strip()).role == "admin"
     listed = edgeforge("127.0.0.1:1", "tokens", "list", "--offline", "--data-dir", str(tmp_path / "data"), cwd=tmp_path)
     assert "bootstrap" in listed.stdout
+
+
+def test_tokens_cli_offline_on_postgresql(tmp_path, postgres_url):
+    """Several coordinators share one PostgreSQL database (docs/DEPLOY.md): the offline bootstrap writes the first
+    admin token there through --database, and every coordinator on it accepts the token."""
+    from shared.auth import TokenStore
+    from shared.store.database import open_database
+    created = edgeforge("127.0.0.1:1", "tokens", "create", "--offline", "--database", postgres_url,
+                        "--role", "admin", "--name", "bootstrap", cwd=tmp_path)
+    assert created.returncode == 0, created.stderr
+    assert not (tmp_path / ".edgeforge").exists()               # nothing written beside it
+    assert TokenStore(open_database(postgres_url)).verify(created.stdout.strip()).role == "admin"
+    listed = edgeforge("127.0.0.1:1", "tokens", "list", "--offline", "--json", cwd=tmp_path,
+                       env={"EDGEFORGE_DATABASE": postgres_url})
+    assert listed.returncode == 0, listed.stderr
+    assert [t["name"] for t in json.loads(listed.stdout)] == ["bootstrap"]
