@@ -277,7 +277,7 @@ def token_to_proto(token: Token):
 def write_secret(path: Path, secret: str) -> None:
     """Writes a token file readable by its owner only (0600), atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    scratch = path.with_name(path.name + ".tmp")
+    scratch = path.with_name(f"{path.name}.{os.getpid()}.tmp")    # two processes may write it at once
     fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(secret + "\n")

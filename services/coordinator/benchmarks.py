@@ -149,6 +149,8 @@ def run(runner: "BuildRunner", candidates) -> None:
             reported = len(finished)
         elif ctx.state.load_build(runner.build_id)[3]:
             raise Cancelled(f"build {build.name} was cancelled")
+        else:
+            runner.fence()         # another coordinator took the build over: it waits for these results now
         if len(finished) == len(rows) or time.monotonic() >= deadline:
             break
         with ctx.changed:

@@ -7,6 +7,7 @@ import time
 from typing import TYPE_CHECKING
 
 from edgeforge.v1 import coordinator_pb2
+from services.coordinator.claims import ClaimStore
 from services.coordinator.scheduler import Scheduler
 from services.coordinator.state import CoordinatorState
 from services.coordinator.ownership import Ownership
@@ -37,6 +38,7 @@ class CoordinatorContext:
     metrics: CoordinatorMetrics | None = None        # counters of build and lease events
     metrics_endpoint: MetricsEndpoint | None = None  # the HTTP server of /metrics, when served
     metrics_port: int = 0                   # its port; 0 when not served
+    claims: ClaimStore | None = None        # which builds this coordinator runs (services/coordinator/claims.py)
 
     def notify(self) -> None:
         with self.changed:

@@ -22,6 +22,7 @@ from edgeforge.v1 import calibrator_pb2, common_pb2, compressor_pb2, coordinator
 from services.calibrator.stats_file import VERSION as STATS_VERSION
 from services.compressor.steps import CAUSAL_LM, quality_loss_pct, step_to_proto, task_name
 from services.coordinator import benchmarks, steps as coordinator_steps
+from services.coordinator.claims import ClaimLost
 from services.coordinator.context import CoordinatorContext
 from services.coordinator.spec import PlannedCandidate, plan
 from services.coordinator.state import digest
@@ -40,11 +41,15 @@ Stage = coordinator_pb2.BuildStage
 
 
 class BuildRunner:
-    def __init__(self, build_id: str, ctx: CoordinatorContext):
-        self.build_id, self.ctx = build_id, ctx
+    """Runs one build on the coordinator that claimed it at `epoch` (services/coordinator/claims.py): when
+    another coordinator takes the build over, this runner stops before its next stage or write."""
+
+    def __init__(self, build_id: str, ctx: CoordinatorContext, epoch: int = 0):
+        self.build_id, self.ctx, self.epoch = build_id, ctx, epoch
+        self.coordinator_id = ctx.claims.coordinator_id if ctx.claims is not None else ""
         self.build, self.progress, _, _ = ctx.state.load_build(build_id)
         self.run_number = ctx.state.begin_run(build_id)
-        self.resumed = self.run_number > 1             # the coordinator restarted while this build ran
+        self.resumed = self.run_number > 1             # a coordinator restarted, or another took the build over
         self.reused: list[str] = []                    # stages of a resumed run reused from before the restart
         self.finished_before = {r["key"] for r in ctx.state.stage_runs(build_id)} if self.resumed else set()
 
@@ -62,7 +67,16 @@ class BuildRunner:
         self.save(done=False)
         log.info("%s %5.1f%% %s", self.build.name, percent, message)
 
+    def fence(self) -> None:
+        """Raises ClaimLost unless this coordinator still holds the build at this runner's epoch. Checked
+        before every stage and every write: once another coordinator took the build over (this one was
+        frozen or cut off for longer than the claim's ttl), only that one may run or record anything."""
+        claims = self.ctx.claims
+        if claims is not None and not claims.holds(self.build_id, self.epoch):
+            raise ClaimLost(self.build_id, claims.owner(self.build_id))
+
     def save(self, done: bool) -> None:
+        self.fence()
         self.build.update_time.GetCurrentTime()
         self.ctx.state.save_build(self.build, self.progress, done)
         self.ctx.notify()
@@ -72,11 +86,12 @@ class BuildRunner:
         entry is reused only while each of them still has its row and its blob."""
         key = digest([stage, key_parts])
         label = " ".join(filter(None, [stage, self.progress.candidate_id]))
+        self.fence()
         cached = self.ctx.state.memo_get(key)
         if cached is not None:
             response = response_cls.FromString(cached)
             if all(self._stored(name) for name in artifacts(response)):
-                self.ctx.state.record_reuse(self.build_id, self.run_number, label, key)
+                self.ctx.state.record_reuse(self.build_id, self.run_number, label, key, coordinator=self.coordinator_id)
                 if key in self.finished_before:
                     self.reused.append(label)
                     self.progress.message = f"{self.progress.message}: reused from before the restart"
@@ -84,8 +99,9 @@ class BuildRunner:
                     log.info("%s: %s reused from before the restart", self.build.name, label)
                 return response, True
         response = call()
+        self.fence()              # a runner taken over during the call must not record its result
         self.ctx.state.memo_put(key, response.SerializeToString(), build_id=self.build_id, run=self.run_number,
-                                stage=label)
+                                stage=label, coordinator=self.coordinator_id)
         return response, False
 
     def _stored(self, name: str) -> bool:
@@ -97,7 +113,11 @@ class BuildRunner:
         # The build's log lines name it (and, through step(), the candidate), until run returns: fields bound
         # here are restored then, so a caller's thread (a test calling run() directly) keeps its own.
         with logs.fields(build=self.build.name, candidate=None):
-            self._run_recorded()
+            try:
+                self._run_recorded()
+            except ClaimLost as lost:       # the new owner resumes the build from the memo; nothing to record
+                log.warning("%s: stopped here, %s (this runner's claim, epoch %d, lapsed)", self.build.name, lost,
+                            self.epoch)
 
     def _run_recorded(self) -> None:
         try:
@@ -118,6 +138,8 @@ class BuildRunner:
             self.build.state = coordinator_pb2.BUILD_STATE_FAILED
             self.build.error.CopyFrom(status_of(error))
             self.progress.message = f"failed: {error.message}"
+        except ClaimLost:
+            raise
         except Exception as error:     # a bug: the build fails with INTERNAL, the coordinator keeps serving
             log.exception("%s crashed", self.build.name)
             self.build.state = coordinator_pb2.BUILD_STATE_FAILED

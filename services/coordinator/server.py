@@ -1,6 +1,6 @@
 """The coordinator server, alone or embedded.
 
-    python -m services.coordinator.server --port N --calibrator H:P --compressor H:P --exporter H:P
+    python -m services.coordinator.server --port N --calibrator H:P --compressor H:P,H:P --exporter H:P
     (or `edgeforge up`, which embeds all four services in one process on one port)
 
 Embedded, the worker services are registered on the coordinator's own server and reach the
@@ -27,6 +27,9 @@ import grpc
 from services.calibrator import servicer as calibrator
 from services.compressor import servicer as compressor
 from services.coordinator import artifacts_servicer, devices_servicer, servicer, tokens_servicer
+from services.coordinator.claims import DEFAULT_TTL_S, ClaimStore
+from services.coordinator.cluster import add_cluster_args, cluster_options, data_dir_identity, release_identity, \
+    storage_error_message
 from services.coordinator.context import CoordinatorContext
 from services.coordinator.metrics import CoordinatorMetrics
 from services.coordinator.ownership import Ownership
@@ -37,10 +40,13 @@ from services.exporter import servicer as exporter
 from shared import logs, server as bootstrap
 from shared.artifact_access import LocalArtifacts
 from shared.auth import AuthInterceptor, TokenStore, ensure_token_file
+from shared.errors import EdgeforgeError
+from shared.failover import parse_addresses
 from shared.metrics import ServerMetrics, parse_address
 from shared.server import ClientTls, ServerTls
 from shared.store.artifacts import ArtifactStore
-from shared.store.database import Database
+from shared.store.blobs import open_blobs
+from shared.store.database import open_database
 from shared.store.grants import Grants
 
 log = logging.getLogger(__name__)
@@ -53,16 +59,26 @@ ADMIN_TOKEN_FILE = "admin.token"
 def create_server(address: str, data_dir: Path, workers: dict[str, str] | None = None, *,
                   device_wait_s: float = 120.0, lease_ttl_s: float = 30.0, max_attempts: int = 3,
                   auth: bool = True, tls: ServerTls | None = None, worker_tls: ClientTls | None = None,
-                  metrics_address: str | None = None) -> tuple[grpc.Server, int, CoordinatorContext]:
-    """Starts a coordinator. `workers` maps calibrator/compressor/exporter to addresses; None embeds them.
+                  metrics_address: str | None = None, database: str | None = None, blobs: str | None = None,
+                  coordinator_id: str | None = None, claim_ttl_s: float = DEFAULT_TTL_S,
+                  ) -> tuple[grpc.Server, int, CoordinatorContext]:
+    """Starts a coordinator. `workers` maps calibrator/compressor/exporter to an address or a list of replicas'
+    addresses (services/coordinator/workers.py); None embeds them.
     With `auth` (the default) every service but health checking needs a live token (shared/auth.py);
     `tls` serves TLS (mutual with a client CA); `worker_tls` is how to reach standalone workers over TLS.
     `metrics_address` ("127.0.0.1:0") serves Prometheus metrics over HTTP; the bound port is ctx.metrics_port.
-    Writes data_dir/admin.token (0600): the coordinator's own admin token, reused while it is live."""
+    Writes data_dir/admin.token (0600): the coordinator's own admin token, reused while it is live.
+
+    `database` (services/coordinator/cluster.py: a path, sqlite:///... or postgresql://...; default
+    data_dir/edgeforge.db) and `blobs` (a directory or s3://...; default data_dir/blobs) may be shared by
+    several coordinators: each build runs on the one holding its claim (services/coordinator/claims.py,
+    `coordinator_id`, `claim_ttl_s`), and a dead coordinator's builds are taken over by the others. Their
+    data_dir stays their own (admin token, uploads in progress, caches)."""
     if metrics_address:
         parse_address(metrics_address)          # a bad address fails before anything is created
-    db = Database(data_dir / "edgeforge.db")
-    store = ArtifactStore(db, data_dir)
+    db = open_database(database or data_dir / "edgeforge.db")
+    claims = ClaimStore(db, coordinator_id or data_dir_identity(data_dir), claim_ttl_s)
+    store = ArtifactStore(db, data_dir, open_blobs(blobs, data_dir / "blob-cache") if blobs else None)
     state = CoordinatorState(db)
     tokens = TokenStore(db)
     server_metrics = ServerMetrics()
@@ -70,7 +86,7 @@ def create_server(address: str, data_dir: Path, workers: dict[str, str] | None =
     ctx = CoordinatorContext(store, state, Scheduler(state, lease_ttl_s=lease_ttl_s, max_attempts=max_attempts,
                                                      lease_lapses=metrics.lease_lapses),
                              workers=None, device_wait_s=device_wait_s, tokens=tokens,
-                             ownership=Ownership(Grants(db), state, tokens), metrics=metrics)
+                             ownership=Ownership(Grants(db), state, tokens), metrics=metrics, claims=claims)
     ctx.admin_token = ensure_token_file(tokens, data_dir / ADMIN_TOKEN_FILE, "admin", "coordinator (internal)")
     builds = servicer.Builds(ctx)
     registrations = [*servicer.registrations(ctx, builds), artifacts_servicer.registration(store, ctx.ownership),
@@ -92,14 +108,20 @@ def create_server(address: str, data_dir: Path, workers: dict[str, str] | None =
             server.stop(0)
             raise
         ctx.metrics_port = ctx.metrics_endpoint.port
-    if workers is None:
+    embedded = workers is None
+    if embedded:
         host = address.rsplit(":", 1)[0]
         self_address = private[0] if private else f"{'127.0.0.1' if host in ('0.0.0.0', '[::]', '') else host}:{port}"
         workers = {"calibrator": self_address, "compressor": self_address, "exporter": self_address}
         worker_tls = None
+    # Embedded workers live and die with this process: nothing to health-check.
     ctx.workers = Workers(workers["calibrator"], workers["compressor"], workers["exporter"], token=ctx.admin_token,
-                          tls=worker_tls)
-    builds.resume_unfinished()
+                          tls=worker_tls, health_interval_s=None if embedded else 2.0)
+    metrics.watch_workers(ctx.workers)
+    log.info("coordinator %s: metadata in %s, blobs in %s; claims last %g s", claims.coordinator_id, db.target,
+             blobs or data_dir / "blobs", claim_ttl_s)
+    # Resumes unfinished builds nobody runs, and later takes dead coordinators' builds over.
+    builds.start_claimer(server, lambda: release_identity(data_dir))
     return server, port, ctx
 
 
@@ -117,9 +139,10 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--data-dir", type=Path, default=Path(".edgeforge"))
-    parser.add_argument("--calibrator", help="calibrator address host:port (omit all three to embed them)")
-    parser.add_argument("--compressor")
-    parser.add_argument("--exporter")
+    parser.add_argument("--calibrator", help="calibrator replicas: host:port, or several separated by commas (omit "
+                                             "all three of --calibrator, --compressor, --exporter to embed them)")
+    parser.add_argument("--compressor", help="compressor replicas: host:port[,host:port...]")
+    parser.add_argument("--exporter", help="exporter replicas: host:port[,host:port...]")
     parser.add_argument("--no-auth", action="store_true",
                         help="accept every call without a token (a closed test network only)")
     parser.add_argument("--worker-tls-ca", type=Path,
@@ -127,12 +150,17 @@ def main() -> None:
                              "--tls-key are also this coordinator's client certificate)")
     bootstrap.add_server_tls_args(parser)
     bootstrap.add_observability_args(parser)
+    add_cluster_args(parser)
     args = parser.parse_args()
     logs.configure_from_args(parser, args, service="coordinator")
     given = [args.calibrator, args.compressor, args.exporter]
     if any(given) and not all(given):
         parser.error("give all of --calibrator, --compressor and --exporter, or none to embed them")
-    workers = dict(zip(("calibrator", "compressor", "exporter"), given)) if all(given) else None
+    try:
+        workers = ({role: parse_addresses(text, f"--{role}") for role, text in
+                    zip(("calibrator", "compressor", "exporter"), given)} if all(given) else None)
+    except ValueError as error:
+        parser.error(str(error))
     try:
         worker_tls = bootstrap.client_tls_from_files(args.worker_tls_ca, args.tls_cert if args.worker_tls_ca else None,
                                                      args.tls_key if args.worker_tls_ca else None)
@@ -141,9 +169,11 @@ def main() -> None:
     try:
         server, port, ctx = create_server(f"{args.host}:{args.port}", args.data_dir, workers, auth=not args.no_auth,
                                           tls=bootstrap.server_tls_from_args(parser, args), worker_tls=worker_tls,
-                                          metrics_address=args.metrics_address)
+                                          metrics_address=args.metrics_address, **cluster_options(parser, args))
     except (ValueError, OSError) as error:
         parser.error(str(error))
+    except EdgeforgeError as error:       # a bad --database/--blobs, or a server there that refuses us
+        parser.error(storage_error_message(args, error))
     print(f"coordinator listening on {args.host}:{port}", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: server.stop(5))
     server.wait_for_termination()

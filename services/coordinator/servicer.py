@@ -8,8 +8,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 import uuid
+from typing import Callable
 
+import grpc
 from google.longrunning import operations_pb2_grpc, operations_proto_pb2 as operations_pb2
 from google.protobuf import empty_pb2
 
@@ -25,6 +28,7 @@ from shared.paging import next_token, page
 log = logging.getLogger(__name__)
 SERVICE_NAME = "edgeforge.v1.Coordinator"
 OPERATIONS_SERVICE_NAME = "google.longrunning.Operations"
+WAIT_POLL_S = 1.0          # how often a waiter looks at the database for builds run by other coordinators
 
 
 def parse_build_id(name: str, prefix: str = "builds/", field: str = "name") -> str:
@@ -36,22 +40,70 @@ def parse_build_id(name: str, prefix: str = "builds/", field: str = "name") -> s
 
 
 class Builds:
-    """Starts build threads and renders their operations."""
+    """Runs the builds this coordinator holds the claim of (services/coordinator/claims.py) and renders
+    their operations. Several coordinators may share one database: each build runs on exactly one."""
 
     def __init__(self, ctx: CoordinatorContext):
         self.ctx = ctx
         self._threads: dict[str, threading.Thread] = {}
 
     def start(self, build_id: str) -> None:
-        thread = threading.Thread(target=BuildRunner(build_id, self.ctx).run, name=f"build-{build_id}", daemon=True)
+        """Claims a build just created here and runs it. When another coordinator's claimer took it first
+        (between its creation and this claim), that coordinator runs it."""
+        epoch = self.ctx.claims.claim(build_id)
+        if epoch is None:
+            log.info("builds/%s is already run by coordinator %s", build_id, self.ctx.claims.owner(build_id))
+            return
+        self._run(build_id, epoch)
+
+    def _run(self, build_id: str, epoch: int) -> None:
+        try:
+            runner = BuildRunner(build_id, self.ctx, epoch)
+        except BaseException:           # e.g. the build was deleted meanwhile: hold no claim nobody runs
+            self.ctx.claims.release(build_id, epoch)
+            raise
+        thread = threading.Thread(target=self._run_and_release, args=(runner,), name=f"build-{build_id}",
+                                  daemon=True)
         self._threads[build_id] = thread
         thread.start()
 
-    def resume_unfinished(self) -> None:
-        """After a restart, re-run unfinished builds; memoised stages are reused, not redone."""
-        for build_id in self.ctx.state.unfinished_builds():
-            log.info("resuming builds/%s", build_id)
-            self.start(build_id)
+    def _run_and_release(self, runner: BuildRunner) -> None:
+        try:
+            runner.run()
+        finally:
+            try:
+                self.ctx.claims.release(runner.build_id, runner.epoch)
+            except Exception as error:      # e.g. the database is out of reach: the claim lapses after its ttl
+                log.warning("%s: could not release its claim: %s: %s", runner.build.name, type(error).__name__, error)
+
+    def claim_unowned(self) -> list[str]:
+        """Takes and runs every unfinished build that nobody runs: at a restart those of this database that
+        were cut short, later those whose coordinator died (its claim lapsed). Memoised stages are reused."""
+        taken = []
+        while (claimed := self.ctx.claims.claim_next()) is not None:
+            build_id, epoch = claimed
+            log.info("resuming builds/%s (epoch %d)", build_id, epoch)
+            self._run(build_id, epoch)
+            taken.append(build_id)
+        return taken
+
+    def start_claimer(self, server: grpc.Server, on_stop: Callable[[], None] = lambda: None) -> None:
+        """Every ttl/3 until `server` terminates, renews the claims held and takes over unowned builds;
+        then stops renewing, so that another coordinator takes over what this one still held, and calls
+        `on_stop`."""
+        interval_s = self.ctx.claims.ttl_s / 3
+
+        def loop() -> None:
+            while server.wait_for_termination(timeout=interval_s):       # True: timed out, still serving
+                try:
+                    self.ctx.claims.renew()
+                    self.claim_unowned()
+                except Exception as error:      # e.g. the database is out of reach for a while: the loop goes on
+                    log.warning("claimer: could not renew or take builds: %s: %s", type(error).__name__, error)
+            on_stop()
+
+        self.claim_unowned()
+        threading.Thread(target=loop, name="build-claimer", daemon=True).start()
 
     def operation(self, build_id: str) -> operations_pb2.Operation:
         build, progress, done, _ = self.ctx.state.load_build(build_id)
@@ -65,8 +117,12 @@ class Builds:
         return operation
 
     def wait(self, build_id: str, timeout_s: float) -> operations_pb2.Operation:
+        """Waits for the build to end. A build run by another coordinator sends no notification here: the
+        database is looked at again at least every second."""
+        deadline = time.monotonic() + timeout_s
         with self.ctx.changed:
-            self.ctx.changed.wait_for(lambda: self.ctx.state.load_build(build_id)[2], timeout=timeout_s)
+            while not self.ctx.state.load_build(build_id)[2] and (remaining := deadline - time.monotonic()) > 0:
+                self.ctx.changed.wait(min(remaining, WAIT_POLL_S))
         return self.operation(build_id)
 
 
