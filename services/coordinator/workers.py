@@ -194,6 +194,8 @@ class Workers:
                 waited = True
                 continue
             attempt += 1
+            if len(replicas.replicas) > 1:       # where each stage's work ran, when there is a choice
+                log.info("%s on %s %s", method.name, method.role, replica.address)
             try:
                 # No wait_for_ready: a worker that is down fails fast, and the wait is ours, bounded.
                 response = getattr(replica.stub, method.name)(request, timeout=self.timeout_s)

@@ -14,6 +14,8 @@ runs in a thread of this test and is connected to coordinator B only.
 """
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -78,6 +80,20 @@ class Deployment:
                          self.tmp_path / f"{role}-{index}.log")
         self.services.append(service)
         return service
+
+    def replica_called(self, coordinator: Service, method: str, timeout_s: float = 120.0) -> Service:
+        """The worker replica `coordinator` sends its first `method` call to, as soon as its log names it
+        (services/coordinator/workers.py logs each call's replica before making it)."""
+        by_address = {f"127.0.0.1:{port}": service for service, port in
+                      zip(self.workers, self.ports["compressor"] + self.ports["exporter"])}
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for line in coordinator.log.read_text().splitlines():
+                head, _, address = line.partition(f"{method} on ")
+                if address:
+                    return by_address[address.split()[1]]          # "compressor 127.0.0.1:PORT [build=…]"
+            time.sleep(0.002)
+        raise AssertionError(f"{coordinator.name} made no {method} call within {timeout_s:.0f} s")
 
     def data_dir(self, name: str) -> Path:
         return self.tmp_path / f"data-{name}"
@@ -219,8 +235,11 @@ def test_the_whole_deployment_survives_losing_a_compressor_and_a_coordinator(tmp
         try:
             operation = a.create_build(build_spec(tiny_model_dir, assets, ["q4_0", "q8_0"]))
             build_id = operation.name.removeprefix("operations/")
-            poll_until(b, operation.name, lambda p: p.message == "compressing gguf-q4_0", interval_s=0.005)
-            deployment.workers[0].kill()           # compressor replica 0; a retries on replica 1
+            # The replica coordinator a sends the first Compress to is frozen as soon as a names it, then killed:
+            # the call is in flight on it when it dies, and a repeats it on the other replica.
+            busy = deployment.replica_called(deployment.coordinators["a"], "Compress")
+            os.kill(busy.process.pid, signal.SIGSTOP)
+            busy.kill()
             poll_until(b, operation.name, lambda p: p.candidate_id == "gguf-q8_0")
             deployment.coordinators["a"].kill()
             before = ran_once_each(deployment.stage_runs(build_id))
@@ -232,6 +251,8 @@ def test_the_whole_deployment_survives_losing_a_compressor_and_a_coordinator(tmp
             runs = deployment.stage_runs(build_id)
             ran = ran_once_each(runs)
             assert {"compress gguf-q4_0", "compress gguf-q8_0"} <= {r["stage"] for r in ran.values()}
+            assert f"Compress on compressor {busy.address}" in deployment.coordinators["a"].log.read_text()
+            assert "retrying at once on" in deployment.coordinators["a"].log.read_text()
             assert {(r["run"], r["coordinator"]) for r in runs} == {(1, "a"), (2, "b")}
             assert set(before) <= {r["key"] for r in runs if r["coordinator"] == "b" and r["reused"]}
         finally:
