@@ -235,7 +235,7 @@ def worker_main(name: str, registration_factory: Callable) -> None:
     endpoint = serve_metrics(parser, metrics, args.metrics_address)      # a bad address stops us before serving
     server, port = create_worker_server(f"{args.host}:{args.port}", registration_factory(access), verify, tls=tls,
                                         metrics=metrics)
-    print(f"{name} listening on {args.host}:{port}", flush=True)
+    print(f"{name} listening on {args.host}:{port}\n", end="", flush=True)     # one write: see the coordinator's
     signal.signal(signal.SIGTERM, lambda *_: server.stop(5))
     server.wait_for_termination()
     if endpoint is not None:

@@ -204,8 +204,8 @@ def cmd_up(args) -> int:
                                                                           if args.log_level else [])
         agent = subprocess.Popen(command)
     print(f"edgeforge up: listening on {address}" + ("" if agent is None else f" (local agent pid {agent.pid})")
-          + (f", metrics on http://{ctx.metrics_endpoint.address}/metrics" if ctx.metrics_endpoint else ""),
-          flush=True)
+          + (f", metrics on http://{ctx.metrics_endpoint.address}/metrics" if ctx.metrics_endpoint else "") + "\n",
+          end="", flush=True)             # one write: log lines of other threads share the stream
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

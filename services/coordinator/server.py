@@ -174,7 +174,8 @@ def main() -> None:
         parser.error(str(error))
     except EdgeforgeError as error:       # a bad --database/--blobs, or a server there that refuses us
         parser.error(storage_error_message(args, error))
-    print(f"coordinator listening on {args.host}:{port}", flush=True)
+    # One write, newline included: log lines from other threads share the stream (unbuffered under -u).
+    print(f"coordinator listening on {args.host}:{port}\n", end="", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: server.stop(5))
     server.wait_for_termination()
     if ctx.metrics_endpoint is not None:

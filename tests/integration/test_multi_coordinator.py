@@ -227,11 +227,15 @@ def test_the_whole_deployment_survives_losing_a_compressor_and_a_coordinator(tmp
                                                                              tiny_model_dir, assets):
     """Two coordinators, two compressor replicas, PostgreSQL and S3, every one a process on loopback: one
     compressor is killed while the first candidate is being compressed, coordinator a when the second
-    candidate starts. The build still succeeds, measured, and no stage ran twice."""
+    candidate starts. The build still succeeds, measured by an agent that followed the coordinators' address
+    list from a to b, and no stage ran twice."""
     deployment = Deployment(tmp_path, {"database": postgres_url, "blobs": s3_url}, compressors=2)
     try:
         a, b = deployment.client("a"), deployment.client("b")
-        agent = AgentThread(b.address, b.create_token("agent", "agent of b")[1], tmp_path / "agent")
+        # The agent knows both coordinators as one gRPC target (docs/DEPLOY.md): it talks to a, the first, until
+        # a dies, then to b — its device, leases and reports live in the shared database.
+        both = "ipv4:" + ",".join(c.address for c in deployment.coordinators.values())
+        agent = AgentThread(both, b.create_token("agent", "agent of both")[1], tmp_path / "agent")
         try:
             operation = a.create_build(build_spec(tiny_model_dir, assets, ["q4_0", "q8_0"]))
             build_id = operation.name.removeprefix("operations/")
