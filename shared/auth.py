@@ -28,6 +28,7 @@ from typing import Callable, Iterable
 import grpc
 
 from shared.errors import EdgeforgeError, InvalidArgument, NotFound, PermissionDenied, Unauthenticated
+from shared.handlers import rewrap
 from shared.store.database import Database
 
 ROLES = ("admin", "builder", "agent")
@@ -195,17 +196,7 @@ def _as_caller(handler: grpc.RpcMethodHandler | None, token: Token) -> grpc.RpcM
             _CALLER.set(token)            # the generator runs on this pool thread; every guarded call sets it anew
             yield from behaviour(request, context)
         return run
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), handler.request_deserializer,
-                                                   handler.response_serializer)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(streaming(handler.unary_stream), handler.request_deserializer,
-                                                    handler.response_serializer)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), handler.request_deserializer,
-                                                    handler.response_serializer)
-    return grpc.stream_stream_rpc_method_handler(streaming(handler.stream_stream), handler.request_deserializer,
-                                                 handler.response_serializer)
+    return rewrap(handler, unary, streaming)
 
 
 def _refusal(handler: grpc.RpcMethodHandler | None, error: EdgeforgeError) -> grpc.RpcMethodHandler:

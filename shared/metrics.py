@@ -36,6 +36,7 @@ from google.protobuf import descriptor_pool
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from shared import logs
+from shared.handlers import rewrap
 
 log = logging.getLogger(__name__)
 # 1 ms … 60 s: control RPCs answer in milliseconds, long polls (LeaseJob, WaitOperation) and artifact
@@ -228,14 +229,4 @@ def _wrapped(handler: grpc.RpcMethodHandler, metrics: ServerMetrics, service: st
                 logs.restore(saved)
         return run
 
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), handler.request_deserializer,
-                                                   handler.response_serializer)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), handler.request_deserializer,
-                                                    handler.response_serializer)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(streaming(handler.unary_stream), handler.request_deserializer,
-                                                    handler.response_serializer)
-    return grpc.stream_stream_rpc_method_handler(streaming(handler.stream_stream), handler.request_deserializer,
-                                                 handler.response_serializer)
+    return rewrap(handler, unary, streaming)
