@@ -1,17 +1,23 @@
 """Shared fixtures: the real assets prepared by `make setup`, and loopback servers on port 0."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-for path in (ROOT, ROOT / "gen"):
+# The generated edgeforge.v1 code: gen/ (make gen), or Bazel's own where EDGEFORGE_PROTO_PATH says (bazel/).
+GENERATED = Path(os.environ.get("EDGEFORGE_PROTO_PATH") or ROOT / "gen")
+for path in (ROOT, GENERATED):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
 ASSETS = ROOT / ".edgeforge-assets"
+# Real PostgreSQL and S3 (weed mini) servers, started once per session when a test asks for them, and the
+# `database` fixture that runs a suite on SQLite and on PostgreSQL (docs/DEPLOY.md).
+pytest_plugins = ["tests.backends.postgres", "tests.backends.s3", "tests.backends.database"]
 
 
 @pytest.fixture(scope="session")

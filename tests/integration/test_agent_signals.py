@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import GENERATED     # the generated protos: gen/, or Bazel's (bazel/pytest_main.py)
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -21,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_the_agent_exits_promptly_on_signals(coordinator, tmp_path, signals):
     token_file = tmp_path / "agent.token"
     token_file.write_text(coordinator.agent_token)
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'gen'}", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{GENERATED}", "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, "-m", "clients.agent.main", "--coordinator", coordinator.address,
                                 "--token-file", str(token_file), "--cache-dir", str(tmp_path / "cache"),
                                 "--label", "device=signals"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)

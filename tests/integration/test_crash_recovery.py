@@ -25,6 +25,8 @@ from edgeforge.v1 import coordinator_pb2
 from google.longrunning import operations_proto_pb2 as operations_pb2
 from shared.store.check import check_store
 
+from tests.conftest import GENERATED     # the generated protos: gen/, or Bazel's (bazel/pytest_main.py)
+
 ROOT = Path(__file__).resolve().parents[2]
 ADMIN_TOKEN_FILE = "admin.token"          # written by the coordinator's main (services/coordinator/server.py)
 
@@ -77,7 +79,7 @@ def launch(module: str, args: list[str], log: Path) -> Service:
     with open(log, "ab") as handle:
         process = subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, stdout=handle,
                                    stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1",
-                                                                  "PYTHONPATH": f"{ROOT}:{ROOT / 'gen'}"})
+                                                                  "PYTHONPATH": f"{ROOT}{os.pathsep}{GENERATED}"})
     return Service(module, process, log)
 
 

@@ -22,6 +22,8 @@ from edgeforge.v1 import agent_pb2, agent_pb2_grpc, common_pb2, coordinator_pb2,
 from shared import logs
 from shared.server import channel
 
+from tests.conftest import GENERATED     # the generated protos: gen/, or Bazel's (bazel/pytest_main.py)
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -147,7 +149,7 @@ def _read_until(stream, pattern: str, timeout_s: float) -> re.Match:
 @pytest.mark.slow                  # the local agent detects its runtimes first: ~30 s
 def test_edgeforge_up_logs_json_lines_only_and_serves_metrics(tmp_path):
     data = tmp_path / "data"
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'gen'}", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{GENERATED}", "OMP_NUM_THREADS": "1"}
     env.pop(logs.FORMAT_ENV, None)
     process = subprocess.Popen([sys.executable, "-m", "clients.cli.main", "up", "--port", "0", "--data-dir",
                                 str(data), "--metrics-address", "127.0.0.1:0", "--log-format", "json",
@@ -187,7 +189,7 @@ def test_edgeforge_up_logs_json_lines_only_and_serves_metrics(tmp_path):
 def test_a_standalone_worker_serves_its_metrics_and_logs_json(coordinator, tmp_path):
     token_file = tmp_path / "admin.token"
     token_file.write_text(coordinator.admin_token)
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'gen'}", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{GENERATED}", "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, "-m", "services.calibrator.server", "--coordinator",
                                 coordinator.address, "--token-file", str(token_file), "--cache-dir",
                                 str(tmp_path / "cache"), "--metrics-address", "127.0.0.1:0", "--log-format", "json"],
