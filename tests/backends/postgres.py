@@ -19,10 +19,11 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
+
+from tests.backends import start_for_session
 
 SUPERUSER = "postgres"
 
@@ -129,17 +130,7 @@ class PostgresServer:
 
 @pytest.fixture(scope="session")
 def postgres_server():
-    try:
-        server = PostgresServer()
-    except FileNotFoundError as missing:
-        pytest.skip(str(missing))
-    started = time.monotonic()
-    try:
-        server.start()
-    except BaseException:
-        server.close()
-        raise
-    server.startup_s = time.monotonic() - started
+    server = start_for_session(PostgresServer)
     try:
         yield server
     finally:

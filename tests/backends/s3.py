@@ -29,6 +29,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.backends import start_for_session
+
 REGION = "us-east-1"
 GRPC_OFFSET = 10000                      # SeaweedFS dials a component's gRPC port at its HTTP port + 10000
 COMPONENTS = ("master", "volume", "filer", "s3", "admin")
@@ -183,17 +185,7 @@ class SeaweedServer:
 
 @pytest.fixture(scope="session")
 def s3_server():
-    try:
-        server = SeaweedServer()
-    except FileNotFoundError as missing:
-        pytest.skip(str(missing))
-    started = time.monotonic()
-    try:
-        server.start()
-    except BaseException:
-        server.close()
-        raise
-    server.startup_s = time.monotonic() - started
+    server = start_for_session(SeaweedServer)
     server.bucket = server.create_bucket()        # the tests' namespaces are prefixes in it (see s3_url)
     try:
         yield server
