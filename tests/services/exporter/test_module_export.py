@@ -93,8 +93,11 @@ def cnn_int8(cnn_dir, tmp_path_factory):
 
 def test_cnn_onnx_agrees_with_the_torch_module_at_its_weights(cnn_int8):
     result = cnn_int8.validation
-    assert result.runtime.startswith("onnxruntime@") and result.positions == 8 and result.top1_agreement == 1.0
-    assert result.max_abs_diff < 5e-3
+    assert result.runtime.startswith("onnxruntime@") and result.positions == 8
+    # The agreement is the logits' (within 5e-3). Top-1 may flip on one photo: with random weights two classes'
+    # logits can lie closer than that, and which wins then depends on the runtimes' summation order (threads):
+    # under Bazel's OMP_NUM_THREADS=1 one of 8 flipped at a max difference of 0.0017.
+    assert result.max_abs_diff < 5e-3 and result.top1_agreement >= 7 / 8
     assert cnn_int8.exported.provenance["weights_quantized"] == 4                  # 2 convs + 2 linears
     assert "int8/per_channel" in cnn_int8.reference and "photos" in cnn_int8.inputs
 
