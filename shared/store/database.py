@@ -32,6 +32,7 @@ previous state.
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import sqlite3
 import threading
@@ -45,7 +46,7 @@ from shared.store.blobs import storage_full
 SQLITE_FULL = 13
 
 
-class Database:
+class Database(abc.ABC):
     """The backend-neutral interface. `Database(path)` opens the SQLite default (see the module docstring)."""
 
     dialect: str = ""          # "sqlite" or "postgresql"
@@ -58,25 +59,26 @@ class Database:
             cls = SqliteDatabase
         return super().__new__(cls)
 
+    @abc.abstractmethod
     def migrate(self, statements: list[str]) -> None:
         """Applies idempotent schema statements (CREATE TABLE IF NOT EXISTS ..., ALTER TABLE ... ADD COLUMN)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def transaction(self, exclusive: bool = True) -> contextlib.AbstractContextManager[Any]:
         """A transaction: committed when the block ends, rolled back when it raises. Exclusive (the
         default): the only exclusive transaction running against this database, across processes."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         """All rows of one read."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def columns(self, table: str) -> list[str]:
         """The table's column names in order; [] when the table does not exist."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def close(self) -> None:
-        raise NotImplementedError
+        """Closes the connection; the object is unusable after."""
 
 
 class SqliteDatabase(Database):
